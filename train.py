@@ -1,0 +1,367 @@
+"""Train Holistic CLIP: K image branches matched to M texts per image (paper.md sections 3 and 5).
+
+One file, read top to bottom: config, distributed/device, data, model, optimizer, resume, compile/DDP,
+schedule, loop, final evaluation. The same script runs as one plain process or under torchrun:
+
+    python train.py                                   # built-in synthetic world, tiny preset, CPU, ~7 min
+    python train.py --train-data d/train.jsonl --val-data d/val.jsonl --model small --branches 6
+    torchrun --nproc_per_node=8 train.py --model base --train-data cc3m/train.jsonl --batch-size 256 \
+        --epochs 100 --lr 5e-4 --warmup 2000 --wd 0.2 --precision bf16 --compile
+    python train.py --name NAME --resume latest       # continue exactly where NAME stopped
+    python train.py --model base --synthetic-tensors --max-steps 30 --precision bf16 --compile  # throughput
+
+Letters: B images per rank, W world size (global batch W*B = negatives per step), K image branches,
+M texts per image, T tokens per text, E joint embedding dim.
+--loss o2o: K = 1 on caption slot 0 only (myopic CLIP); o2m: K = 1 on all M slots; m2m: K branches
+(default K = M) on M slots, K != M = the official free matching. The run folder runs/NAME/ holds
+params.json, metrics.jsonl (one JSON line per log step), ckpt.pt and results.jsonl.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import ImageTextDataset, Tokenizer, make_loader, make_world, read_records
+from eval import embed_split, evaluate, print_table, retrieval_metrics
+from loss import branch_diversity, m2m_loss
+from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample
+
+# -----------------------------------------------------------------------------
+# config: open_clip-familiar flag names
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--train-data", default=None, help="training jsonl/csv/tsv; default: the synthetic world in data/shapes")
+p.add_argument("--val-data", default=None, help="validation jsonl/csv/tsv (default: val.jsonl beside the train data)")
+p.add_argument("--csv-separator", default=None, help="separator of a .csv/.tsv file (default: by extension)")
+p.add_argument("--captions", type=int, default=None, help="expected M per record (default: that of the first record)")
+p.add_argument("--caption-count", choices=["error", "pad", "drop"], default="error",
+               help="records whose caption count is not M: stop, pad by repeating, or drop them")
+p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary when a tokenizer must be trained")
+p.add_argument("--model", default="tiny", choices=list(PRESETS), help="architecture preset (model.py)")
+p.add_argument("--branches", type=int, default=None, help="K image branches for --loss m2m (default: M)")
+p.add_argument("--branch-type", default="cls", choices=["cls", "mlp"], help="K class tokens or K MLP heads")
+p.add_argument("--isolate-cls", action=argparse.BooleanOptionalAction, default=True,
+               help="class token i does not attend to class token j (CLS design)")
+p.add_argument("--loss", default="m2m", choices=["m2m", "o2m", "o2o"], help="multi-to-multi, one-to-many, CLIP")
+p.add_argument("--branch-diversity", action=argparse.BooleanOptionalAction, default=True,
+               help="the 0.7 hinge on the inter-branch cosine when K > 1")
+p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
+               help="tiled loss that never holds the K x B x B logits (loss.py)")
+p.add_argument("--batch-size", type=int, default=128, help="images per rank (B)")
+p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+p.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay on >= 2-D weights")
+p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+p.add_argument("--epochs", type=int, default=6, help="passes over the training data")
+p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
+p.add_argument("--stop-at-step", type=int, default=None,
+               help="save and stop after this step, keeping the schedule of the full run (split long runs)")
+p.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient norm (off by default)")
+p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
+p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+               help="torch.compile the model and the loss tiles (default: on for CUDA)")
+p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
+p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
+p.add_argument("--logs", default="runs", help="folder of run folders")
+p.add_argument("--name", default=None, help="run folder name (default: from the flags)")
+p.add_argument("--resume", default=None, help="checkpoint path, or 'latest' for runs/NAME/ckpt.pt")
+p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: only at the end)")
+p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
+p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from the device)")
+p.add_argument("--synthetic-tensors", action="store_true",
+               help="random images and tokens made on the device: measures throughput without data loading")
+p.add_argument("--texts", type=int, default=None, help="M for --synthetic-tensors (default: K)")
+p.add_argument("--fault-nan-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: force a NaN loss
+args = p.parse_args()
+# resume: the run's own flags come back from the checkpoint; flags given now (other than defaults) win
+ckpt = None
+name = args.name or f"{args.loss}-{args.model}-{args.branch_type}-k{args.branches or 'M'}-s{args.seed}"
+run_dir = os.path.join(args.logs, name)
+if args.resume:
+    path = os.path.join(run_dir, "ckpt.pt") if args.resume == "latest" else args.resume
+    assert os.path.exists(path), f"--resume {args.resume}: no checkpoint at {path}"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    run_dir = os.path.dirname(os.path.abspath(path))
+    given = {k: v for k, v in vars(args).items() if v != p.get_default(k)}
+    args = argparse.Namespace(**{**ckpt["args"], **given})
+
+# -----------------------------------------------------------------------------
+# distributed / device: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain run has none of them
+ddp = "RANK" in os.environ
+if ddp:
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+master = rank == 0  # rank 0 logs, evaluates and writes checkpoints
+torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+use_compile = args.compile if args.compile is not None else device.type == "cuda"
+# precision in three lines: one autocast context, TF32 on for the fp32 matmuls
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def barrier():
+    if ddp:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# data: records -> tokenizer -> datasets. The default is the synthetic world, generated on first use.
+train_set = val_set = None
+if args.synthetic_tensors:
+    M = args.texts or args.branches or 1
+    tokenizer = None
+else:
+    train_path = args.train_data or os.path.join("data", "shapes", "train.jsonl")
+    if args.train_data is None and not os.path.exists(train_path):
+        if master:
+            print(f"generating the synthetic world in {os.path.dirname(train_path)} (first use)")
+            make_world(os.path.dirname(train_path))
+        barrier()
+    val_path = args.val_data or os.path.join(os.path.dirname(train_path), "val.jsonl")
+    read = dict(captions=args.captions, on_count=args.caption_count, skip_bad=args.skip_bad, sep=args.csv_separator)
+    train_records = read_records(train_path, **read)
+    M = len(train_records[0]["caption"])
+    val_records = read_records(val_path, **{**read, "captions": M}) if os.path.exists(val_path) else None
+    # the tokenizer: from the checkpoint when resuming, else beside the data, else trained on the captions
+    tok_path = os.path.join(os.path.dirname(os.path.abspath(train_path)), "tokenizer.json")
+    if ckpt is not None:
+        tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+    elif os.path.exists(tok_path):
+        tokenizer = Tokenizer.load(tok_path)
+    else:
+        if master:
+            print(f"training a {args.vocab_size}-token BPE on the train captions -> {tok_path}")
+            Tokenizer.train([c for r in train_records for c in r["caption"]], args.vocab_size).save(tok_path)
+        barrier()
+        tokenizer = Tokenizer.load(tok_path)
+
+K = 1 if args.loss in ("o2o", "o2m") else (args.branches or M)
+slots = 1 if args.loss == "o2o" else M  # o2o trains on caption slot 0 (the alt-text) only
+
+# -----------------------------------------------------------------------------
+# model: the architecture is a preset plus the flags; asdict(config) goes into every checkpoint
+if ckpt is not None:
+    config = ModelConfig(**ckpt["config"])
+else:
+    vocab = tokenizer.vocab_size if tokenizer else 49408  # 49408 = openai/CLIP's vocabulary, for throughput
+    config = ModelConfig(**{**PRESETS[args.model], "branches": K, "branch_type": args.branch_type,
+                            "isolate_cls": args.isolate_cls, "vocab_size": vocab})
+model = HolisticCLIP(config).to(device)
+raw_model = model  # unwrapped: saved, evaluated and clamped
+if not args.synthetic_tensors:
+    ds = dict(tokenizer=tokenizer, image_size=config.image_size, context_length=config.context_length, seed=args.seed)
+    train_set = ImageTextDataset(train_records, train=True, **ds)
+    val_set = ImageTextDataset(val_records, **ds) if val_records else None
+    if master and tokenizer.truncated:
+        print(f"note: {tokenizer.truncated} captions were truncated to {config.context_length} tokens")
+steps_per_epoch = (len(train_set) // (args.batch_size * world)) if train_set else 1000
+assert steps_per_epoch > 0, f"{len(train_set)} records are fewer than one global batch of {args.batch_size * world}"
+max_steps = args.max_steps or args.epochs * steps_per_epoch
+
+# -----------------------------------------------------------------------------
+# optimizer: AdamW (CLIP's betas and eps); decay only on matrices, not on gains, biases, logit_scale,
+# class or position embeddings
+no_decay = ("class_embedding", "positional_embedding", "logit_scale")
+params = [(n, q) for n, q in raw_model.named_parameters() if q.requires_grad]
+decay = [q for n, q in params if q.ndim >= 2 and not n.endswith(no_decay)]
+other = [q for n, q in params if not (q.ndim >= 2 and not n.endswith(no_decay))]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": other, "weight_decay": 0.0}],
+                              lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+
+# -----------------------------------------------------------------------------
+# resume: weights, optimizer, step and RNG states; the data order is a function of (seed, epoch), so
+# skipping the batches already seen in the current epoch replays the straight run exactly
+step = 0
+if ckpt is not None:
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    step = ckpt["step"]
+    torch.set_rng_state(ckpt["rng"]["cpu"])  # no dropout today; kept so that any added randomness resumes
+    if master:
+        print(f"resumed from step {step} of {max_steps}")
+
+
+def save_checkpoint(step):
+    """Write runs/NAME/ckpt.pt atomically: a crash mid-write never leaves a broken checkpoint."""
+    state = {"model": raw_model.state_dict(), "config": asdict(config), "optimizer": optimizer.state_dict(),
+             "tokenizer": tokenizer.to_dict() if tokenizer else None, "step": step,
+             "epoch": step // steps_per_epoch, "args": vars(args), "rng": {"cpu": torch.get_rng_state()}}
+    tmp = os.path.join(run_dir, "ckpt.pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(run_dir, "ckpt.pt"))
+
+
+# -----------------------------------------------------------------------------
+# compile / DDP
+if use_compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# -----------------------------------------------------------------------------
+# schedule: linear warm-up then cosine to 0, computed from the step alone (so resume needs no state)
+def lr_at(step):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, max_steps - args.warmup)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -----------------------------------------------------------------------------
+# start-up summary: the derived quantities a reader should check before a long run
+n_params = sum(q.numel() for q in raw_model.parameters())
+flops = flops_per_sample(config, slots)["total"] * 3  # forward + backward = 3 x forward, per image
+peaks = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121}  # dense bf16 TFLOP/s
+peak = args.peak_tflops or next((v for k, v in peaks.items()
+                                 if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+if master:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "params.json"), "w") as f:
+        json.dump({**vars(args), "K": K, "M": M, "slots": slots, "world": world, "max_steps": max_steps,
+                   "config": asdict(config)}, f, indent=2)
+    print(f"run {run_dir} | params {n_params / 1e6:.2f}M | K {K} | M {slots} of {M} | global batch "
+          f"{args.batch_size * world} (= negatives per step) | device {device} x {world} | {precision} | "
+          f"compile {use_compile} | steps {max_steps} ({steps_per_epoch}/epoch)")
+
+# -----------------------------------------------------------------------------
+# loop
+stop_signal = []  # SIGTERM / SIGINT: finish the current step, save, exit cleanly
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+
+def synthetic_batches():
+    """The same random batch forever, made on the device: a throughput measurement without data loading."""
+    g = torch.Generator(device="cpu").manual_seed(args.seed + rank)
+    images = torch.randn(args.batch_size, 3, config.image_size, config.image_size, generator=g)
+    tokens = torch.randint(1, config.vocab_size - 2, (args.batch_size, M, config.context_length), generator=g)
+    tokens[..., -1] = config.vocab_size - 1  # EOT (the largest id) at the end of every text
+    while True:
+        yield images.to(device), tokens.to(device)
+
+
+def validate():
+    """Retrieval on the val split (rank 0), then a barrier so the other ranks wait."""
+    metrics = {}
+    if master and val_set is not None:
+        raw_model.eval()
+        img, txt = embed_split(raw_model, val_set, device=device)
+        raw_model.train()
+        metrics = {f"val/{k}": v for k, v in retrieval_metrics(img, txt).items() if "/" not in k}
+    barrier()
+    return metrics
+
+
+stopped, last_saved = None, step
+bar = tqdm(total=max_steps, initial=step, disable=None if master else True, dynamic_ncols=True)
+metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
+t_log = time.time()
+while step < max_steps and stopped is None:
+    epoch, skip = divmod(step, steps_per_epoch)
+    if args.synthetic_tensors:
+        batches = synthetic_batches()
+    else:
+        batches = make_loader(train_set, args.batch_size, train=True, workers=args.workers, seed=args.seed,
+                              epoch=epoch, skip_batches=skip, pin_memory=device.type == "cuda")
+    for images, tokens in batches:
+        # one step: forward (autocast), loss on fp32 unit vectors, backward, clip, AdamW, clamp the scale
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, tokens = images.to(device, non_blocking=True), tokens[:, :slots].to(device, non_blocking=True)
+        t0 = time.time()
+        with autocast:
+            img, txt, scale = model(images, tokens)  # (B, K, E), (B, M, E), ()
+        img, txt = img.float(), txt.float()
+        contrastive = m2m_loss(img, txt, scale.float(), fused=args.fused_loss, compile=use_compile)
+        diversity = branch_diversity(img) if (K > 1 and args.branch_diversity) else torch.zeros((), device=device)
+        loss = contrastive + diversity
+        if args.fault_nan_step == step + 1:
+            loss = loss * float("nan")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # every rank must agree on stopping, or the next step's collectives hang: one tiny all-reduce
+        # carries (non-finite loss anywhere, stop requested: signal or --stop-at-step)
+        flags = torch.tensor([float(not torch.isfinite(loss).item()),
+                              float(bool(stop_signal) or step + 1 == args.stop_at_step)])
+        if ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:  # stop before the bad update: ckpt.pt keeps the last good state
+            stopped = f"non-finite loss ({loss.item()}) at step {step + 1}"
+            break
+        if flags[1] > 0:
+            stopped = "signal" if stop_signal else f"--stop-at-step {step + 1}"
+        if args.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip_norm)
+        optimizer.step()
+        with torch.no_grad():  # CLIP's clamp: the temperature never goes below 1/100
+            raw_model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == max_steps:
+            # the logged loss is the mean over ranks = the loss of the global batch
+            parts = torch.stack([loss, contrastive, diversity]).detach().float()
+            if ddp:
+                dist.all_reduce(parts)  # sum (gloo has no AVG)
+                parts /= world
+            dt = (time.time() - t_log) / (step % args.log_every or args.log_every)
+            t_log = time.time()
+            ips = args.batch_size * world / dt
+            mfu = f"{100 * flops * ips / (peak * 1e12):.0f}%" if peak else "-"
+            row = {"step": step, "epoch": epoch, "loss": parts[0].item(), "contrastive": parts[1].item(),
+                   "diversity": parts[2].item(), "lr": lr, "scale": scale.item(), "ms": 1000 * dt, "img_s": ips}
+            if master:
+                bar.write(f"step {step:>6}/{max_steps} | loss {row['loss']:.4f} (div {row['diversity']:.3f}) | lr "
+                          f"{lr:.2e} | scale {row['scale']:5.1f} | {1000 * dt:6.0f} ms | {ips:8,.0f} img/s | mfu {mfu}")
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+        if args.eval_every and step % args.eval_every == 0 and step < max_steps:
+            val = validate()
+            if master and val:
+                bar.write("  val " + " | ".join(f"{k[4:]} {v:.1f}" for k, v in val.items()))
+                metrics_file.write(json.dumps({"step": step, **val}) + "\n")
+        if master and not args.synthetic_tensors and (stopped or step % args.save_every == 0 or step == max_steps):
+            save_checkpoint(step)
+            last_saved = step
+        if stopped or step >= max_steps:
+            break
+bar.close()
+
+# -----------------------------------------------------------------------------
+# cleanup: a clean stop says where it stopped; a non-finite loss exits non-zero with the step named
+if stopped and stopped.startswith("non-finite"):
+    print(f"stopping: {stopped}; {run_dir}/ckpt.pt still holds step {last_saved}", file=sys.stderr)
+    sys.exit(1)
+if stopped:
+    if master:
+        print(f"stopped ({stopped}) at step {step}; resume with --name {os.path.basename(run_dir)} --resume latest")
+elif master and val_set is not None:
+    raw_model.eval()
+    results = {"step": step, **evaluate(raw_model, val_set, device=device)}
+    print_table(results)
+    with open(os.path.join(run_dir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(results) + "\n")
+if ddp:
+    dist.destroy_process_group()
