@@ -72,7 +72,8 @@ p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
 p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
 p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
-p.add_argument("--logs", default="runs", help="folder of run folders")
+# open_clip calls this --logs; torchrun (argparse on Python 3.11) rejects that as an abbreviation of its --logs-specs
+p.add_argument("--logs-dir", default="runs", help="folder of run folders")
 p.add_argument("--name", default=None, help="run folder name (default: from the flags)")
 p.add_argument("--resume", default=None, help="checkpoint path, or 'latest' for runs/NAME/ckpt.pt")
 p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
@@ -87,7 +88,7 @@ args = p.parse_args()
 # resume: the run's own flags come back from the checkpoint; flags given now (other than defaults) win
 ckpt = None
 name = args.name or f"{args.loss}-{args.model}-{args.branch_type}-k{args.branches or 'M'}-s{args.seed}"
-run_dir = os.path.join(args.logs, name)
+run_dir = os.path.join(args.logs_dir, name)
 if args.resume:
     path = os.path.join(run_dir, "ckpt.pt") if args.resume == "latest" else args.resume
     assert os.path.exists(path), f"--resume {args.resume}: no checkpoint at {path}"

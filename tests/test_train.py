@@ -29,7 +29,7 @@ def world(tmp_path_factory):
 def train(world, logs, *flags, batch=8, check=True, background=False):
     """Run train.py on the tiny world: 6 texts per image, K = M = 6 by default, fp32 on the CPU."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--train-data", str(world / "train.jsonl"),
-           "--logs", str(logs), "--batch-size", str(batch), "--workers", "0", "--log-every", "1",
+           "--logs-dir", str(logs), "--batch-size", str(batch), "--workers", "0", "--log-every", "1",
            "--warmup", "2", "--lr", "1e-3", "--device", "cpu", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if background:
@@ -78,7 +78,7 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(world, tmp_path):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", os.path.join(ROOT, "train.py"), "--train-data", str(world / "train.jsonl"),
-           "--logs", str(tmp_path), "--name", "two", "--batch-size", "4", "--workers", "0", "--log-every", "1",
+           "--logs-dir", str(tmp_path), "--name", "two", "--batch-size", "4", "--workers", "0", "--log-every", "1",
            "--warmup", "2", "--lr", "1e-3", "--device", "cpu", *common]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=300)
@@ -87,7 +87,9 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(world, tmp_path):
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for s in one:
         assert abs(one[s] - two[s]) < 1e-4, (s, one[s], two[s])
-    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+    # Adam divides by sqrt(v): float32 round-off in near-zero gradients can move a weight by a few percent of
+    # one step (lr 1e-3); a real mismatch (lost negatives, wrong targets) moves weights by whole steps
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-4)
 
 
 def test_resume_replays_the_straight_run(world, tmp_path):
