@@ -360,9 +360,10 @@ if stopped:
         print(f"stopped ({stopped}) at step {step}; resume with --name {os.path.basename(run_dir)} --resume latest")
 elif master and val_set is not None:
     raw_model.eval()
-    results = {"step": step, **evaluate(raw_model, val_set, device=device)}
+    results = {"step": step, **evaluate(raw_model, val_set, device=device, tokenizer=tokenizer)}
     print_table(results)
     with open(os.path.join(run_dir, "results.jsonl"), "a") as f:
         f.write(json.dumps(results) + "\n")
 if ddp:
+    dist.barrier()  # rank 0 may still be evaluating; tearing down under it can abort the process
     dist.destroy_process_group()
