@@ -1,0 +1,374 @@
+"""The Holistic CLIP model: a hand-written ViT with K output branches, a causal text transformer, and
+the pair of them as one CLIP. Implements paper.md section 2 (the multi-branch image encoder, CLS and
+MLP designs); the loss is in loss.py.
+
+    python model.py                  # parameters and forward GFLOPs per preset and design
+    python model.py --branches 1 6   # the same table at other K
+    python -m pytest -q tests/test_model.py
+
+Letters: B images, K image branches, M texts per image, N patches, T text tokens, D width,
+E joint embedding dim, S residual streams (1, or K after the MLP design's fork), C class tokens.
+
+Parameter names follow openai/CLIP (clip/model.py) so a CLIP state dict maps onto K = 1 by name.
+Two differences in shape and kind: class_embedding is (K, D) where openai's is (D,) (load it as
+`w[None]`), and the MLP uses nn.GELU (open_clip's default for training from scratch) where openai's
+released weights expect QuickGELU. Our Attention mirrors nn.MultiheadAttention's names
+(in_proj_weight, in_proj_bias, out_proj) with q, k, v stacked in that order.
+"""
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------
+# config
+
+
+# Keyword-only, and the sizes have no defaults: start from PRESETS below. asdict(config) goes into
+# every checkpoint, so later stages rebuild the model from the checkpoint alone.
+@dataclass(kw_only=True)
+class ModelConfig:
+    image_size: int            # H = W of the input images
+    patch_size: int            # conv1 stride; N = (image_size / patch_size)^2 patches
+    vision_width: int          # D of the image tower
+    vision_layers: int
+    vision_heads: int
+    branches: int = 1          # K image embeddings per image; K = 1 is plain CLIP
+    branch_type: str = "cls"   # "cls": K class tokens | "mlp": K copies of the last L blocks' c_proj
+    isolate_cls: bool = True   # CLS design: class tokens cannot see each other (the paper's intent)
+    mlp_branch_layers: int = 3  # L: MLP design, how many final blocks carry K copies (paper: 3 of 12)
+    vocab_size: int            # from the tokenizer; its largest id is EOT
+    context_length: int = 77   # T, the longest text (openai's 77)
+    text_width: int
+    text_layers: int
+    text_heads: int
+    embed_dim: int             # E, the joint space both towers project into
+
+    def __post_init__(self):
+        assert self.branch_type in ("cls", "mlp"), f"branch_type must be cls or mlp, got {self.branch_type}"
+        assert self.branches >= 1, f"branches (K) must be >= 1, got {self.branches}"
+        assert self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"
+        assert self.vision_width % self.vision_heads == 0, "vision_width must divide into vision_heads"
+        assert self.text_width % self.text_heads == 0, "text_width must divide into text_heads"
+        assert 1 <= self.mlp_branch_layers <= self.vision_layers, "need 1 <= mlp_branch_layers <= vision_layers"
+
+
+# ModelConfig kwargs without branches/vocab_size: ModelConfig(**{**PRESETS["tiny"], "branches": 4,
+# "vocab_size": tok.vocab_size}). tiny: one forward+backward at B = 128, K = M = 6 takes ~0.4 s on
+# 2 CPU cores; context 40 holds the synthetic world's longest caption (37 tokens with SOT/EOT).
+# base is the paper's ViT-B/16 (paper.md section 5) with its L = 3 of 12 branched blocks.
+PRESETS = {
+    "tiny": dict(image_size=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=2, mlp_branch_layers=2,
+                 text_width=64, text_layers=2, text_heads=2, context_length=40, embed_dim=64),
+    "small": dict(image_size=64, patch_size=8, vision_width=384, vision_layers=6, vision_heads=6, mlp_branch_layers=2,
+                  text_width=256, text_layers=6, text_heads=4, context_length=77, embed_dim=256),
+    "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                 text_width=512, text_layers=12, text_heads=8, context_length=77, embed_dim=512),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the transformer block, shared by both towers
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names, through SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # q, k, v rows stacked
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def qkv(self, x):
+        """(..., L, D) -> q, k, v, each (..., H, L, D/H)."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (..., L, 3D)
+        qkv = qkv.unflatten(-1, (3, self.heads, -1))                # (..., L, 3, H, D/H)
+        return qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)       # 3 x (..., H, L, D/H)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        """(..., L, D) -> (..., L, D). attn_mask: bool (L, L), True = may attend."""
+        shape = x.shape
+        q, k, v = self.qkv(x.reshape(-1, *shape[-2:]))  # (B', H, L, D/H), B' = all leading dims
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.out_proj(o.transpose(1, 2).reshape(shape))  # heads concatenated, (..., L, D)
+
+
+class MLP(nn.Module):
+    """c_fc -> GELU -> c_proj, called part by part from the block (the MLP design steps in between).
+    With branches K > 1, c_proj is K separate Linear layers in a ModuleList (mlp.c_proj.{k}.weight):
+    each copy looks exactly like openai's c_proj, and the loop over copies reads plainly."""
+
+    def __init__(self, width, branches=1):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = nn.GELU()
+        self.c_proj = (nn.Linear(4 * width, width) if branches == 1 else
+                       nn.ModuleList(nn.Linear(4 * width, width) for _ in range(branches)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). Inputs may carry any leading dims."""
+
+    def __init__(self, width, heads, branches=1):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, branches)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+        h = self.mlp.gelu(self.mlp.c_fc(self.ln_2(x)))  # (..., L, 4D)
+        if isinstance(self.mlp.c_proj, nn.Linear):
+            return x + self.mlp.c_proj(h)
+        # MLP design, x (B, S, L, D). The first branched block forks: S = 1 comes in, every copy
+        # reads that one stream (expand is a free view) and K streams go out. Later branched blocks
+        # get S = K: attention, LNs and c_fc above ran on all K streams as one batch of B*K, and
+        # stream k now goes through copy k only.
+        K = len(self.mlp.c_proj)
+        h = h.expand(-1, K, -1, -1)                                                # (B, K, L, 4D)
+        out = torch.stack([c_proj(h[:, k]) for k, c_proj in enumerate(self.mlp.c_proj)], 1)  # (B, K, L, D)
+        return x + out  # x (B, S, L, D) broadcasts over the K streams
+
+
+class Transformer(nn.Module):
+    """`layers` blocks; the last `branch_layers` of them carry `branches` copies of c_proj."""
+
+    def __init__(self, width, layers, heads, branches=1, branch_layers=0):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, branches if i >= layers - branch_layers else 1)
+            for i in range(layers))
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        for block in self.resblocks:
+            x = block(x, attn_mask, is_causal)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# the image tower: K branches
+
+
+def isolation_mask(K, N):
+    """Boolean (K+N, K+N), True = may attend. Class token i sees itself and every patch but no
+    other class token; patches see everything. Used in every layer (paper.md section 2).
+
+    The official code builds the opposite, "blocked" mask (nn.MultiheadAttention's convention) and
+    casts it to float; a float mask is *added* to the logits, so blocked pairs get +1 instead of -inf
+    and the class tokens still see each other. This is the intended mask, not that bug."""
+    mask = torch.ones(K + N, K + N, dtype=torch.bool)
+    mask[:K, :K] = torch.eye(K, dtype=torch.bool)
+    return mask
+
+
+class VisionTransformer(nn.Module):
+    """conv1 patches, C class tokens (K in the CLS design, 1 in the MLP design), ln_pre, blocks,
+    ln_post; proj is applied by HolisticCLIP."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        D, K, N = c.vision_width, c.branches, (c.image_size // c.patch_size) ** 2
+        cls_design = c.branch_type == "cls"
+        self.conv1 = nn.Conv2d(3, D, kernel_size=c.patch_size, stride=c.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(K if cls_design else 1, D))  # (C, D)
+        self.positional_embedding = nn.Parameter(torch.empty(len(self.class_embedding) + N, D))  # (C+N, D)
+        self.ln_pre = nn.LayerNorm(D)
+        self.transformer = Transformer(D, c.vision_layers, c.vision_heads,
+                                       branches=1 if cls_design else K, branch_layers=c.mlp_branch_layers)
+        self.ln_post = nn.LayerNorm(D)
+        self.proj = nn.Parameter(torch.empty(D, c.embed_dim))
+        # a mask only when it masks something, so SDPA keeps its fast kernels otherwise
+        mask = isolation_mask(K, N) if cls_design and c.isolate_cls and K > 1 else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def embed(self, images):
+        """(B, 3, H, W) -> (B, C+N, D): patchify, prepend the C class tokens, add positions, ln_pre."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)            # (B, N, D), patches row by row
+        cls = self.class_embedding.to(x.dtype).expand(len(x), -1, -1)  # (B, C, D)
+        x = torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype)  # (B, C+N, D)
+        return self.ln_pre(x)
+
+    def forward_tokens(self, images):
+        """(B, 3, H, W) -> (B, K+N, D) after ln_post: the K class tokens, then the N patch tokens
+        (MLP design: each stream's class token, and the patch tokens averaged over the K streams)."""
+        x = self.transformer(self.embed(images).unsqueeze(1), self.attn_mask)  # (B, S, C+N, D)
+        x = self.ln_post(x)
+        C = len(self.class_embedding)
+        # S * C = K in both designs: CLS has one stream of K class tokens, MLP K streams of one
+        return torch.cat([x[:, :, :C].flatten(1, 2), x[:, :, C:].mean(1)], 1)  # (B, K+N, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole model
+
+
+class HolisticCLIP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.visual = VisionTransformer(c)
+        # the text tower lives at the top level, as in openai/CLIP
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.text_width))  # (T, D)
+        self.ln_final = nn.LayerNorm(c.text_width)
+        self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.init_weights()
+
+    def init_weights(self):
+        """Every initial value in one place: openai/CLIP's stds (initialize_parameters and the
+        VisionTransformer constructor), applied to the blocks of both towers."""
+        c = self.config
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=c.text_width ** -0.5)
+        v, D = self.visual, c.vision_width
+        # conv1: openai keeps PyTorch's default (uniform, std (3 fan_in)^-0.5); written out here
+        nn.init.normal_(v.conv1.weight, std=(3 * 3 * c.patch_size ** 2) ** -0.5)
+        nn.init.normal_(v.class_embedding, std=D ** -0.5)
+        nn.init.normal_(v.positional_embedding, std=D ** -0.5)
+        nn.init.normal_(v.proj, std=D ** -0.5)
+        for tower, width, layers in ((v.transformer, D, c.vision_layers),
+                                     (self.transformer, c.text_width, c.text_layers)):
+            proj_std = width ** -0.5 * (2 * layers) ** -0.5  # residual branches shrink with depth
+            for block in tower.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+                nn.init.zeros_(block.attn.in_proj_bias)
+                # each copy of c_proj (MLP design) is drawn independently, so branches start apart
+                for c_proj in block.mlp.c_proj.modules():
+                    if isinstance(c_proj, nn.Linear):
+                        nn.init.normal_(c_proj.weight, std=proj_std)
+        for m in self.modules():  # every bias 0, every LayerNorm gain 1
+            if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+        nn.init.constant_(self.logit_scale, math.log(1 / 0.07))  # CLIP's temperature 0.07
+
+    def encode_image(self, images, reduce=None):
+        """(B, 3, H, W) -> unit (B, K, E); reduce="mean" -> unit (B, E), the renormalised branch mean."""
+        K = self.config.branches
+        x = self.visual.forward_tokens(images)[:, :K] @ self.visual.proj  # (B, K, E), shared proj
+        x = F.normalize(x, dim=-1)
+        if reduce == "mean":
+            return F.normalize(x.mean(1), dim=-1)  # (B, E)
+        assert reduce is None, f"reduce must be None or 'mean', got {reduce!r}"
+        return x
+
+    def encode_text(self, tokens):
+        """(..., T) token ids -> unit (..., E), read at each text's EOT (its largest id)."""
+        shape, T = tokens.shape, tokens.shape[-1]
+        assert T <= self.config.context_length, f"{T} tokens > context_length {self.config.context_length}"
+        tokens = tokens.reshape(-1, T)                                          # (B*M, T)
+        x = self.token_embedding(tokens) + self.positional_embedding[:T]        # (B*M, T, D)
+        x = self.ln_final(self.transformer(x, is_causal=True))                  # causal: sees only the past
+        x = x[torch.arange(len(x), device=x.device), tokens.argmax(-1)]         # (B*M, D) at EOT
+        x = F.normalize(x @ self.text_projection, dim=-1)                       # (B*M, E)
+        return x.reshape(*shape[:-1], -1)                                       # (..., E)
+
+    def forward(self, images, tokens):
+        """images (B, 3, H, W), tokens (B, M, T) -> img (B, K, E), txt (B, M, E), scale (0-dim)."""
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+
+    def encode_patches(self, images):
+        """(B, 3, H, W) -> unit (B, N, E): the last layer's patch tokens through ln_post and proj,
+        in the joint space (the dense probe compares them with text embeddings)."""
+        x = self.visual.forward_tokens(images)[:, self.config.branches:]  # (B, N, D)
+        return F.normalize(x @ self.visual.proj, dim=-1)                   # (B, N, E)
+
+    def class_attention(self, images):
+        """(B, 3, H, W) -> (B, K, N): the last block's attention of each class token over the patches,
+        averaged over heads and renormalised over the N patches (class-token columns dropped)."""
+        v = self.visual
+        C = len(v.class_embedding)
+        x = v.embed(images).unsqueeze(1)  # (B, 1, C+N, D)
+        for block in v.transformer.resblocks[:-1]:
+            x = block(x, v.attn_mask)     # (B, S, C+N, D)
+        last = v.transformer.resblocks[-1]
+        q, k, _ = last.attn.qkv(last.ln_1(x))  # each (B, S, H, C+N, D/H)
+        logits = q[..., :C, :] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, S, H, C, C+N)
+        if v.attn_mask is not None:
+            logits = logits.masked_fill(~v.attn_mask[:C], float("-inf"))
+        attn = logits.softmax(-1).mean(2)[..., C:]  # (B, S, C, N) head mean, patch columns
+        attn = attn / attn.sum(-1, keepdim=True)
+        # S * C = K, except the MLP design with L = 1: the last block is the fork, S = 1, and its
+        # attention (computed before the fork) is every branch's
+        return attn.expand(-1, self.config.branches // C, -1, -1).flatten(1, 2)  # (B, K, N)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cost
+
+
+def flops_per_sample(config: ModelConfig, M=1):
+    """Forward FLOPs (2 per multiply-add) per image, per text, and image + M texts; training ~ 3x.
+
+    Counts what torch.utils.flop_counter counts, the convention of open_clip's model_profile.csv
+    (ViT-B-16: 35.13 image, 5.96 text GFLOP): matmuls (q/k/v/out projections, q k^T and attn @ v over
+    all L^2 pairs, even under a causal mask, MLP), conv1 and the final projections, taken at the
+    class tokens / EOT only. LayerNorm, softmax, GELU and adds are left out (under 1%)."""
+    c = config
+
+    def block(L, D, streams=1, c_proj_copies=1):
+        # q,k,v,out: 4 L D^2; c_fc: 4 L D^2; c_proj: 4 L D^2 per copy; q k^T and attn @ v: 2 L^2 D
+        attn_fc = 8 * L * D * D + 2 * L * L * D
+        return 2 * (streams * attn_fc + c_proj_copies * 4 * L * D * D)
+
+    K, D, N = c.branches, c.vision_width, (c.image_size // c.patch_size) ** 2
+    image = 2 * N * D * 3 * c.patch_size ** 2 + 2 * K * D * c.embed_dim  # conv1, proj of K tokens
+    if c.branch_type == "cls":
+        image += c.vision_layers * block(K + N, D)
+    else:  # shared blocks, the fork block (one stream in, K copies of c_proj), then K streams
+        L = c.mlp_branch_layers if K > 1 else 0
+        image += (c.vision_layers - L) * block(1 + N, D)
+        if L:
+            image += block(1 + N, D, 1, K) + (L - 1) * block(1 + N, D, K, K)
+    T, W = c.context_length, c.text_width
+    text = c.text_layers * block(T, W) + 2 * W * c.embed_dim  # text_projection at EOT only
+    return dict(image=float(image), text=float(text), total=float(image + M * text))
+
+
+# ----------------------------------------------------------------------------------------------------
+# python model.py: the cost table
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of each preset and design.")
+    parser.add_argument("--branches", type=int, nargs="+", default=[1, 4], help="values of K to tabulate")
+    parser.add_argument("--texts", type=int, default=6, help="M texts per image for the last column")
+    args = parser.parse_args()
+    print(f"{'preset':6} {'design':6} {'K':>2} | {'vision M':>8} {'text M':>7} {'total M':>7} {'+/branch':>9} | "
+          f"{'GF image':>8} {'GF text':>7} {f'GF 1+{args.texts}':>7}")
+    for name, preset in PRESETS.items():
+        vocab = 49408 if name == "base" else 1024  # openai's BPE for base, the synthetic world's tokenizer else
+        with torch.device("meta"):  # shapes only, no memory: instant even for base
+            plain = count(HolisticCLIP(ModelConfig(**preset, vocab_size=vocab)))  # K = 1, plain CLIP
+        for design in ("cls", "mlp"):
+            for K in args.branches:
+                c = ModelConfig(**preset, branches=K, branch_type=design, vocab_size=vocab)
+                with torch.device("meta"):
+                    model = HolisticCLIP(c)
+                vision, total = count(model.visual), count(model)
+                extra = f"{(total - plain) // (K - 1):9,d}" if K > 1 else f"{'-':>9}"
+                f = flops_per_sample(c, args.texts)
+                print(f"{name:6} {design:6} {K:2d} | {vision / 1e6:8.2f} {(total - vision - 1) / 1e6:7.2f} "
+                      f"{total / 1e6:7.2f} {extra} | {f['image'] / 1e9:8.3f} {f['text'] / 1e9:7.3f} "
+                      f"{f['total'] / 1e9:7.3f}")
+
+
+if __name__ == "__main__":
+    main()

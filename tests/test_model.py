@@ -1,0 +1,275 @@
+"""Tests for model.py: shapes, the CLS isolation mask, the MLP design's independent branches, the causal
+text tower, parameter counts and FLOPs.
+
+    python -m pytest -q tests/test_model.py
+
+Independent references: nn.MultiheadAttention loaded with our attention's state dict (same names),
+a parameter-count formula written from the config, openai/CLIP's state-dict names, open_clip's
+published ViT-B-16 profile (parameters and GFLOPs), and torch.utils.flop_counter on a real forward.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import PRESETS, Attention, HolisticCLIP, ModelConfig, flops_per_sample, isolation_mask
+
+# a model small enough that every test builds its own in milliseconds: N = 16 patches, 3 vision blocks
+MICRO = dict(image_size=16, patch_size=4, vision_width=32, vision_layers=3, vision_heads=2, mlp_branch_layers=2,
+             vocab_size=50, context_length=12, text_width=32, text_layers=2, text_heads=2, embed_dim=16)
+EOT = MICRO["vocab_size"] - 1
+
+
+def micro(seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    return HolisticCLIP(ModelConfig(**{**MICRO, **kw})).to(dtype)
+
+
+def images(B=2, dtype=torch.float64, seed=1):
+    return torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def texts(*shape, eot_at=7, seed=2):
+    """Random token ids (..., T) below EOT, with EOT (the largest id) at position eot_at."""
+    t = torch.randint(1, EOT - 1, (*shape, MICRO["context_length"]), generator=torch.Generator().manual_seed(seed))
+    t[..., eot_at] = EOT
+    return t
+
+
+def unit(x):
+    return torch.allclose(x.norm(dim=-1), torch.ones((), dtype=x.dtype), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# shapes
+
+
+@pytest.mark.parametrize("design", ["cls", "mlp"])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("M", [1, 4])
+def test_shapes_and_unit_norm(design, K, M):
+    model, B, N, E = micro(branches=K, branch_type=design), 2, 16, MICRO["embed_dim"]
+    img, txt, scale = model(images(B), texts(B, M))
+    assert img.shape == (B, K, E) and txt.shape == (B, M, E) and scale.shape == ()
+    assert unit(img) and unit(txt) and math.isclose(scale.item(), 1 / 0.07, rel_tol=1e-6)
+    mean = model.encode_image(images(B), reduce="mean")
+    assert mean.shape == (B, E) and unit(mean)
+    assert model.visual.forward_tokens(images(B)).shape == (B, K + N, MICRO["vision_width"])
+    patches = model.encode_patches(images(B))
+    assert patches.shape == (B, N, E) and unit(patches)
+    att = model.class_attention(images(B))
+    assert att.shape == (B, K, N) and (att >= 0).all()
+    assert torch.allclose(att.sum(-1), torch.ones((), dtype=att.dtype))
+
+
+def test_encode_text_any_leading_shape():
+    model, t = micro(), texts(2, 3)
+    assert torch.allclose(model.encode_text(t)[1, 2], model.encode_text(t[1, 2]))  # (B, M, T) vs (T,)
+
+
+@pytest.mark.parametrize("design", ["cls", "mlp"])
+def test_bf16_autocast_forward(design):
+    model = micro(branches=3, branch_type=design, dtype=torch.float32)
+    x, t = images(dtype=torch.float32), texts(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        img, txt, _ = model(x, t)
+    ref_img, ref_txt, _ = model(x, t)
+    assert img.shape == ref_img.shape and txt.shape == ref_txt.shape
+    assert (img.float() - ref_img).abs().max() < 0.05 and (txt.float() - ref_txt).abs().max() < 0.05
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention against nn.MultiheadAttention
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "isolation"])
+def test_attention_matches_nn_multihead_attention(mask):
+    torch.manual_seed(0)
+    ours, ref = Attention(32, 4).double(), nn.MultiheadAttention(32, 4, batch_first=True).double()
+    nn.init.normal_(ours.in_proj_weight, std=0.2)
+    nn.init.normal_(ours.in_proj_bias, std=0.2)
+    ref.load_state_dict(ours.state_dict())  # same names and layout: q, k, v rows stacked
+    x = torch.randn(3, 10, 32, dtype=torch.float64)
+    allowed = {"none": torch.ones(10, 10, dtype=torch.bool), "causal": torch.ones(10, 10).tril().bool(),
+               "isolation": isolation_mask(4, 6)}[mask]
+    out = ours(x, is_causal=True) if mask == "causal" else ours(x, None if mask == "none" else allowed)
+    expected, _ = ref(x, x, x, attn_mask=~allowed)  # nn.MultiheadAttention: True = blocked
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_isolation_mask_by_hand():
+    expected = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(isolation_mask(2, 2), expected)
+    # no mask (fast SDPA kernels) unless it masks something
+    assert micro(branches=1).visual.attn_mask is None
+    assert micro(branches=3, isolate_cls=False).visual.attn_mask is None
+    assert micro(branches=3, branch_type="mlp").visual.attn_mask is None
+
+
+@pytest.mark.parametrize("design", ["cls", "mlp"])
+def test_class_attention_matches_nn_multihead_attention_weights(design):
+    model, K, x = micro(branches=3, branch_type=design), 3, images()
+    v, ref = model.visual, nn.MultiheadAttention(32, 2, batch_first=True).double()
+    h = v.embed(x).unsqueeze(1)  # (B, 1, L, D)
+    for block in v.transformer.resblocks[:-1]:
+        h = block(h, v.attn_mask)
+    last = v.transformer.resblocks[-1]
+    ref.load_state_dict(last.attn.state_dict())
+    h = last.ln_1(h).flatten(0, 1)  # (B*S, L, D)
+    mask = None if v.attn_mask is None else ~v.attn_mask
+    _, w = ref(h, h, h, attn_mask=mask)  # (B*S, L, L), head-averaged
+    C = 1 if design == "mlp" else K
+    w = w[:, :C, C:] / w[:, :C, C:].sum(-1, keepdim=True)  # class rows over the patches
+    assert torch.allclose(model.class_attention(x), w.reshape(2, K, -1), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the two branch designs
+
+
+def test_isolation_blocks_class_tokens_from_each_other():
+    """Perturb class token 2; after ONE block (patches have not relayed it yet) class tokens 0 and 1
+    are unchanged with isolation, changed without."""
+    for isolate in (True, False):
+        model, x = micro(branches=3, isolate_cls=isolate), images()
+        v = model.visual
+        first = v.transformer.resblocks[0]
+        before = first(v.embed(x), v.attn_mask)  # (B, K+N, D)
+        with torch.no_grad():  # random, not constant: ln_pre would remove a constant shift
+            v.class_embedding[2] += torch.randn(MICRO["vision_width"], dtype=torch.float64)
+        after = first(v.embed(x), v.attn_mask)
+        other = (after[:, :2] - before[:, :2]).abs().max()
+        assert (other < 1e-12) if isolate else (other > 1e-3)
+        assert (after[:, 2:] - before[:, 2:]).abs().max() > 1e-3  # the token itself and the patches see it
+
+
+def test_mlp_branches_are_independent():
+    K, L = 3, MICRO["mlp_branch_layers"]
+    model, x = micro(branches=K, branch_type="mlp"), images()
+    blocks = model.visual.transformer.resblocks
+    # blocks before the last L hold one plain c_proj; the last L hold K copies
+    assert all(isinstance(b.mlp.c_proj, nn.Linear) for b in blocks[:-L])
+    assert all(isinstance(b.mlp.c_proj, nn.ModuleList) and len(b.mlp.c_proj) == K for b in blocks[-L:])
+    D = MICRO["vision_width"]
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in micro().parameters())
+    assert extra == (K - 1) * L * (4 * D * D + D)
+    base = model.encode_image(x)
+    for block in (blocks[-L], blocks[-1]):  # the fork block and the last block
+        for k in range(K):
+            w = block.mlp.c_proj[k].weight
+            with torch.no_grad():
+                saved = w.clone()
+                w.add_(torch.randn_like(w))  # random: LayerNorm would remove a constant shift
+                changed = (model.encode_image(x) - base).abs().amax(dim=(0, 2)) > 1e-6  # (K,)
+                w.copy_(saved)
+            assert changed.tolist() == [j == k for j in range(K)]
+
+
+@pytest.mark.parametrize("design", ["cls", "mlp"])
+def test_every_branch_gets_gradient_from_its_own_output(design):
+    K = 3
+    model, x = micro(branches=K, branch_type=design), images()
+    target = torch.randn(2, MICRO["embed_dim"], dtype=torch.float64)
+    for k in range(K):
+        model.zero_grad()
+        (model.encode_image(x)[:, k] * target).sum().backward()
+        if design == "cls":
+            assert model.visual.class_embedding.grad[k].abs().sum() > 0
+        else:  # branch k's copies get a gradient, the others none
+            for block in model.visual.transformer.resblocks[-MICRO["mlp_branch_layers"]:]:
+                got = [c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in block.mlp.c_proj]
+                assert got == [j == k for j in range(K)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# text tower
+
+
+def test_tokens_after_eot_do_not_matter():
+    model, t = micro(), texts(4, eot_at=5)
+    u = t.clone()
+    u[:, 6:] = torch.randint(1, EOT - 1, u[:, 6:].shape)
+    assert torch.allclose(model.encode_text(t), model.encode_text(u), atol=1e-12)
+
+
+def test_text_is_causal():
+    """Changing token p changes the hidden states at p and after, never before."""
+    model, t, p = micro(), texts(2), 4
+
+    def hidden(tokens):
+        return model.transformer(model.token_embedding(tokens) + model.positional_embedding, is_causal=True)
+
+    u = t.clone()
+    u[:, p] = (u[:, p] % (EOT - 2)) + 1  # a different ordinary token
+    diff = (hidden(t) - hidden(u)).abs().amax(dim=(0, 2))  # (T,)
+    assert (diff[:p] < 1e-12).all() and (diff[p:] > 1e-6).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# parameters and names
+
+
+def openai_clip_names(c):
+    """openai/CLIP's ViT state-dict names (clip/model.py), written out independently of model.py."""
+    block = ["attn.in_proj_weight", "attn.in_proj_bias"]
+    for m in ("ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj", "attn.out_proj"):
+        block += [f"{m}.weight", f"{m}.bias"]
+    names = {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.weight",
+             "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias", "visual.proj",
+             "token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+             "text_projection", "logit_scale"}
+    names |= {f"visual.transformer.resblocks.{i}.{n}" for i in range(c.vision_layers) for n in block}
+    return names | {f"transformer.resblocks.{i}.{n}" for i in range(c.text_layers) for n in block}
+
+
+def clip_param_count(c):
+    """Single-CLS CLIP's parameter count from the config alone: each block has 12 D^2 + 13 D."""
+    D, W, N = c.vision_width, c.text_width, (c.image_size // c.patch_size) ** 2
+    vision = 3 * c.patch_size ** 2 * D + D + (1 + N) * D + 2 * D + c.vision_layers * (12 * D * D + 13 * D)
+    vision += 2 * D + D * c.embed_dim
+    text = c.vocab_size * W + c.context_length * W + c.text_layers * (12 * W * W + 13 * W) + 2 * W + W * c.embed_dim
+    return vision, text + 1  # + logit_scale
+
+
+@pytest.mark.parametrize("design", ["cls", "mlp"])
+def test_k1_is_plain_clip(design):
+    model = micro(branches=1, branch_type=design)
+    vision, total = clip_param_count(model.config)
+    assert sum(p.numel() for p in model.visual.parameters()) == vision
+    assert sum(p.numel() for p in model.parameters()) == vision + total
+    assert set(model.state_dict()) == openai_clip_names(model.config)
+
+
+def test_base_matches_open_clip_vit_b_16():
+    """open_clip's docs/model_profile.csv, ViT-B-16: 86.19 M image, 63.43 M text parameters;
+    35.13 GFLOP image and 5.96 GFLOP text forward (torch.utils.flop_counter)."""
+    c = ModelConfig(**{**PRESETS["base"], "vocab_size": 49408})
+    with torch.device("meta"):
+        model = HolisticCLIP(c)
+    vision = sum(p.numel() for p in model.visual.parameters())
+    text = sum(p.numel() for p in model.parameters()) - vision - 1
+    assert (round(vision / 1e6, 2), round(text / 1e6, 2)) == (86.19, 63.43)
+    f = flops_per_sample(c, M=5)
+    assert abs(f["image"] / 35.13e9 - 1) < 0.05 and abs(f["text"] / 5.96e9 - 1) < 0.05
+    assert f["total"] == f["image"] + 5 * f["text"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs against torch's counter on a real forward
+
+
+@pytest.mark.parametrize("design,K", [("cls", 1), ("cls", 3), ("mlp", 3)])
+def test_flops_match_torch_flop_counter(design, K):
+    model = micro(branches=K, branch_type=design, dtype=torch.float32)
+    counter = FlopCounterMode(display=False)
+    # the math backend spells attention out as matmuls, which the counter sees on every build
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model.encode_image(images(1, dtype=torch.float32))
+    image = counter.get_total_flops()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model.encode_text(texts(1))
+    f = flops_per_sample(model.config)
+    assert (f["image"], f["text"]) == (image, counter.get_total_flops())
