@@ -59,11 +59,11 @@ class ModelConfig:
 
 # ModelConfig kwargs without branches/vocab_size: ModelConfig(**{**PRESETS["tiny"], "branches": 4,
 # "vocab_size": tok.vocab_size}). tiny: one forward+backward at B = 128, K = M = 6 takes ~0.4 s on
-# 2 CPU cores; context 40 holds the synthetic world's longest caption (37 tokens with SOT/EOT).
+# 2 CPU cores; context 32 holds the synthetic world's longest caption (31 tokens with SOT/EOT).
 # base is the paper's ViT-B/16 (paper.md section 5) with its L = 3 of 12 branched blocks.
 PRESETS = {
     "tiny": dict(image_size=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=2, mlp_branch_layers=2,
-                 text_width=64, text_layers=2, text_heads=2, context_length=40, embed_dim=64),
+                 text_width=64, text_layers=2, text_heads=2, context_length=32, embed_dim=64),
     "small": dict(image_size=64, patch_size=8, vision_width=384, vision_layers=6, vision_heads=6, mlp_branch_layers=2,
                   text_width=256, text_layers=6, text_heads=4, context_length=77, embed_dim=256),
     "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,

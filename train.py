@@ -38,30 +38,30 @@ from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample
 
 # -----------------------------------------------------------------------------
 # config: open_clip-familiar flag names
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--train-data", default=None, help="training jsonl/csv/tsv; default: the synthetic world in data/shapes")
 p.add_argument("--val-data", default=None, help="validation jsonl/csv/tsv (default: val.jsonl beside the train data)")
 p.add_argument("--csv-separator", default=None, help="separator of a .csv/.tsv file (default: by extension)")
 p.add_argument("--captions", type=int, default=None, help="expected M per record (default: that of the first record)")
 p.add_argument("--caption-count", choices=["error", "pad", "drop"], default="error",
-               help="records whose caption count is not M: stop, pad by repeating, or drop them")
+               help="records whose caption count is not M: stop, pad by repeating, or drop them (default: %(default)s)")
 p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
-p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary when a tokenizer must be trained")
-p.add_argument("--model", default="tiny", choices=list(PRESETS), help="architecture preset (model.py)")
+p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary when a tokenizer must be trained (default: %(default)s)")
+p.add_argument("--model", default="tiny", choices=list(PRESETS), help="architecture preset (model.py) (default: %(default)s)")
 p.add_argument("--branches", type=int, default=None, help="K image branches for --loss m2m (default: M)")
-p.add_argument("--branch-type", default="cls", choices=["cls", "mlp"], help="K class tokens or K MLP heads")
+p.add_argument("--branch-type", default="cls", choices=["cls", "mlp"], help="K class tokens or K MLP heads (default: %(default)s)")
 p.add_argument("--isolate-cls", action=argparse.BooleanOptionalAction, default=True,
-               help="class token i does not attend to class token j (CLS design)")
-p.add_argument("--loss", default="m2m", choices=["m2m", "o2m", "o2o"], help="multi-to-multi, one-to-many, CLIP")
+               help="class token i does not attend to class token j (CLS design) (default: %(default)s)")
+p.add_argument("--loss", default="m2m", choices=["m2m", "o2m", "o2o"], help="multi-to-multi, one-to-many, CLIP (default: %(default)s)")
 p.add_argument("--branch-diversity", action=argparse.BooleanOptionalAction, default=True,
-               help="the 0.7 hinge on the inter-branch cosine when K > 1")
+               help="the 0.7 hinge on the inter-branch cosine when K > 1 (default: %(default)s)")
 p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
-               help="tiled loss that never holds the K x B x B logits (loss.py)")
-p.add_argument("--batch-size", type=int, default=128, help="images per rank (B)")
-p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-p.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay on >= 2-D weights")
-p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-p.add_argument("--epochs", type=int, default=6, help="passes over the training data")
+               help="tiled loss that never holds the K x B x B logits (loss.py) (default: %(default)s)")
+p.add_argument("--batch-size", type=int, default=128, help="images per rank (B) (default: %(default)s)")
+p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+p.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay on >= 2-D weights (default: %(default)s)")
+p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
+p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default: %(default)s)")
 p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
 p.add_argument("--stop-at-step", type=int, default=None,
                help="save and stop after this step, keeping the schedule of the full run (split long runs)")
@@ -70,15 +70,15 @@ p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="defa
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                help="torch.compile the model and the loss tiles (default: on for CUDA)")
 p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-p.add_argument("--workers", type=int, default=2, help="data loader processes per rank")
-p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
+p.add_argument("--workers", type=int, default=2, help="data loader processes per rank (default: %(default)s)")
+p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation (default: %(default)s)")
 # open_clip calls this --logs; torchrun (argparse on Python 3.11) rejects that as an abbreviation of its --logs-specs
-p.add_argument("--logs-dir", default="runs", help="folder of run folders")
+p.add_argument("--logs-dir", default="runs", help="folder of run folders (default: %(default)s)")
 p.add_argument("--name", default=None, help="run folder name (default: from the flags)")
 p.add_argument("--resume", default=None, help="checkpoint path, or 'latest' for runs/NAME/ckpt.pt")
-p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
-p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: only at the end)")
-p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
+p.add_argument("--log-every", type=int, default=20, help="steps between log lines (default: %(default)s)")
+p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: only at the end) (default: %(default)s)")
+p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
 p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from the device)")
 p.add_argument("--synthetic-tensors", action="store_true",
                help="random images and tokens made on the device: measures throughput without data loading")
