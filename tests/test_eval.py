@@ -1,0 +1,288 @@
+"""Tests for eval.py: retrieval on hand-made score tables (several captions per image, ties), chunked against a
+naive float64 loop, zero-shot on a stub model with a known answer, mIoU on hand-made masks, the K x M branch
+matrix on constructed embeddings, the dense probe's mask bookkeeping, and the command line on a tiny checkpoint
+(results line, PNG sizes). Tie rule under test: a query's rank = the number of WRONG candidates scoring >= its
+best correct one; hit@k <=> rank < k (ties count against the query).
+
+    python -m pytest -q tests/test_eval.py
+"""
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict
+from io import StringIO
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import eval
+from model import PRESETS, HolisticCLIP, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# retrieval
+
+def from_scores(S):
+    """A score table S[i, j, m] = s(image i, caption m of image j) -> (img (N, 1, N), txt (N, M, N)) whose
+    dot products reproduce it exactly: img[i] = e_i, txt[j, m] = S[:, j, m]."""
+    return torch.eye(len(S))[:, None], S.permute(1, 2, 0).contiguous()
+
+
+# N = 3 images, M = 2 captions; row i lists s(i, (j, m)) for (j, m) = (0,0) (0,1) (1,0) (1,1) (2,0) (2,1)
+SCORES = torch.tensor([[5., 1., 4., 0., 3., 0.],
+                       [6., 0., 1., 2., 0., 0.],
+                       [2., 2., 2., 2., 2., 1.]]).view(3, 3, 2)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 1024])
+def test_retrieval_hand_made(chunk):
+    # Ranks by hand (wrong candidates scoring >= the correct one; a tie counts against the query):
+    # i2t, best own caption: image 0: 5 beats all -> 0; image 1: best own 2, 6 above -> 1; image 2: best own 2,
+    #   four wrong texts tie at 2 -> 4.
+    # t2i, caption (j, m) vs column S[:, j, m]: (0,0) [5,6,2] -> 1; (0,1) [1,0,2] -> 1; (1,0) [4,1,2] -> 2;
+    #   (1,1) [0,2,2] tie -> 1; (2,0) [3,0,2] -> 1; (2,1) [0,0,1] -> 0.
+    # slot 0 i2t: [5,4,3] -> 0, [6,1,0] -> 1, [2,2,2] -> 2; slot 1 i2t: [1,0,0] -> 0, [0,2,0] -> 0, [2,2,1] -> 2.
+    r = eval.retrieval_metrics(*from_scores(SCORES), ks=(1, 2, 3), chunk=chunk)
+    third = 100 / 3
+    expect = {"i2t_R@1": third, "i2t_R@2": 2 * third, "i2t_R@3": 2 * third,
+              "t2i_R@1": 100 / 6, "t2i_R@2": 500 / 6, "t2i_R@3": 100,
+              "slot0/i2t_R@1": third, "slot0/i2t_R@2": 2 * third, "slot0/i2t_R@3": 100,
+              "slot1/i2t_R@1": 2 * third, "slot1/i2t_R@2": 2 * third, "slot1/i2t_R@3": 100,
+              "slot0/t2i_R@1": 0, "slot0/t2i_R@2": 2 * third, "slot0/t2i_R@3": 100,
+              "slot1/t2i_R@1": third, "slot1/t2i_R@2": 100, "slot1/t2i_R@3": 100}
+    assert r == pytest.approx(expect)
+
+
+def test_retrieval_all_tied_scores_zero():
+    # a collapsed model (every score equal) must not look perfect: every wrong candidate ties, so R@k = 0
+    r = eval.retrieval_metrics(*from_scores(torch.ones(4, 4, 3)), ks=(1, 5, 9), chunk=3)
+    assert r["i2t_R@9"] == 0 and r["t2i_R@1"] == 0 and r["i2t_R@5"] == 0
+    assert r["slot2/i2t_R@1"] == 0 and r["slot1/t2i_R@5"] == 100  # 3 wrong images < 5
+
+
+def naive_ranks(img, txt, branch):
+    """float64 loops: scores as the mean over branches of the branch cosines (or one branch); the position
+    (0-based) of the first correct item in a descending sort. Random data has no ties."""
+    img, txt = img.double(), txt.double()
+    N, K, _ = img.shape
+    M = txt.shape[1]
+    ks = range(K) if branch == "mean" else [branch]
+    s = sum(torch.einsum("ie,jme->ijm", img[:, k], txt) for k in ks) / len(ks)  # (N, N, M)
+    i2t, t2i, slot = [], [], [[] for _ in range(M)]
+    for i in range(N):
+        order = s[i].flatten().argsort(descending=True).tolist()  # texts j * M + m
+        i2t.append(min(order.index(i * M + m) for m in range(M)))
+        for m in range(M):
+            slot[m].append(s[i, :, m].argsort(descending=True).tolist().index(i))
+    for j in range(N):
+        for m in range(M):
+            t2i.append(s[:, j, m].argsort(descending=True).tolist().index(j))
+    return torch.tensor(i2t), torch.tensor(t2i), [torch.tensor(x) for x in slot]
+
+
+@pytest.mark.parametrize("branch", ["mean", 0, 2])
+def test_retrieval_chunked_matches_naive(branch):
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(23, 3, 8, generator=g), dim=-1)  # N = 23, K = 3, E = 8
+    txt = F.normalize(torch.randn(23, 4, 8, generator=g), dim=-1)  # M = 4
+    i2t, t2i, slot = naive_ranks(img, txt, branch)
+    full = eval.retrieval_metrics(img, txt, branch=branch, chunk=1024)
+    for chunk in (5, 23):  # uneven tiles (5, 5, 5, 5, 3) and one tile
+        assert eval.retrieval_metrics(img, txt, branch=branch, chunk=chunk) == full
+    for k in (1, 5, 10):
+        assert full[f"i2t_R@{k}"] == pytest.approx(100 * (i2t < k).double().mean().item())
+        assert full[f"t2i_R@{k}"] == pytest.approx(100 * (t2i < k).double().mean().item())
+        for m in range(4):
+            assert full[f"slot{m}/i2t_R@{k}"] == pytest.approx(100 * (slot[m] < k).double().mean().item())
+
+
+def test_retrieval_branch_mean_is_unnormalised_branch_average():
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(30, 2, 6, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(30, 2, 6, generator=g), dim=-1)
+    # "mean" = one image vector mean_k v_k, not renormalised (the paper's mean of branch cosines)
+    assert eval.retrieval_metrics(img, txt) == eval.retrieval_metrics(img.mean(1, keepdim=True), txt)
+    # an int branch reads that branch alone
+    assert eval.retrieval_metrics(img, txt, branch=1) == eval.retrieval_metrics(img[:, 1:], txt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# zero-shot, branch analysis, mIoU
+
+class StubTokenizer:
+    """Each known text becomes one token: its index in the list."""
+    def __init__(self, texts):
+        self.ids = {t: i for i, t in enumerate(texts)}
+
+    def tokenize(self, texts, context_length):
+        return torch.tensor([[self.ids[t]] for t in texts])  # (n, 1)
+
+
+class StubModel(torch.nn.Module):
+    """encode_text looks the text's embedding up in a table."""
+    def __init__(self, table):
+        super().__init__()
+        self.table, self.config = table, SimpleNamespace(context_length=4)
+
+    def encode_text(self, tokens):
+        return self.table[tokens[..., 0]]
+
+
+def test_zeroshot_known_answer():
+    e = torch.eye(4)
+    names, templates = ["cat", "dog", "fox"], ["a {}.", "the {}!"]
+    # template 0 of class c embeds as unit(e_c + e_3), template 1 as unit(e_c - e_3): their renormalised mean is e_c
+    texts = [t.format(c) for c in names for t in templates]
+    table = torch.stack([F.normalize(e[c] + (1 if t == 0 else -1) * e[3], dim=0) for c in range(3) for t in range(2)])
+    classes = eval.zeroshot_classifier(StubModel(table), StubTokenizer(texts), names, templates)
+    assert torch.allclose(classes, e[:3], atol=1e-6)
+    u = lambda *v: F.normalize(sum(v), dim=0)  # noqa: E731
+    # image (K = 2 branches) -> scores mean_k <v_k, e_c>; labels and the correct class's rank by hand:
+    img = torch.stack([torch.stack([e[0], e[3]]),          # label 0: scores (.5, 0, 0) -> rank 0
+                       torch.stack([e[1], u(e[1], e[2])]),  # label 1: (0, .85, .35) -> 0
+                       torch.stack([e[0], u(e[2], e[0])]),  # label 2: (.85, 0, .35) -> 1
+                       torch.stack([e[0], e[2]]),           # label 1: (.5, 0, .5) -> 2
+                       torch.stack([e[0], e[1]])])          # label 0: (.5, .5, 0) tie -> 1 (ties count against)
+    acc = eval.topk_accuracy(img.mean(1) @ classes.T, torch.tensor([0, 1, 2, 1, 0]), ks=(1, 2, 3, 5))
+    assert acc == pytest.approx({1: 40, 2: 80, 3: 100, 5: 100})
+
+
+def test_branch_analysis_constructed():
+    e, r2 = torch.eye(4), math.sqrt(0.5)
+    u = lambda *v: F.normalize(sum(v), dim=0)  # noqa: E731
+    img = torch.stack([torch.stack([e[0], e[1]]), torch.stack([e[0], u(e[0], e[1])])])  # (N=2, K=2, E=4)
+    txt = torch.stack([torch.stack([e[0], e[1], u(e[0], 2 * e[1])]),
+                       torch.stack([e[0], u(e[1], e[2]), e[1]])])                         # (N=2, M=3, E=4)
+    a = eval.branch_analysis(img, txt)
+    # sim[b, k, m]: b0: k0 (1, 0, 1/sqrt5), k1 (0, 1, 2/sqrt5); b1: k0 (1, 0, 0), k1 (r2, r2^2, r2)
+    expect = [[1, 0, 0.5 / math.sqrt(5)], [r2 / 2, (1 + 0.5) / 2, (2 / math.sqrt(5) + r2) / 2]]
+    assert torch.allclose(torch.tensor(a["branch_slot_sim"]), torch.tensor(expect), atol=1e-6)
+    assert a["branch_wins"] == [2, 4]  # argmax_k per (b, m): b0 -> 0, 1, 1; b1 -> 0, 1, 1
+    assert a["inter_branch_cos"] == pytest.approx((0 + r2) / 2)
+    assert eval.branch_analysis(img[:, :1], txt)["inter_branch_cos"] is None  # K = 1: no pair of branches
+
+
+def test_mean_iou_hand_made():
+    gt = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 1]])
+    # IoU by hand: class 0 = 2 / (3 + 3 - 2) = .5; class 1 = 3 / (3 + 4 - 3) = .75; class 2 = 1 / (2 + 1 - 1) = .5
+    for C in (3, 5):  # classes never seen (3, 4) do not count
+        assert eval.mean_iou(eval.confusion(pred, gt, C)) == pytest.approx(100 * (0.5 + 0.75 + 0.5) / 3)
+    assert eval.mean_iou(eval.confusion(gt, gt, 3)) == 100
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny synthetic world: 32 train + 16 val images, tokenizer trained on the train captions."""
+    out = tmp_path_factory.mktemp("world")
+    data.make_world(str(out), train_size=32, val_size=16)
+    return out
+
+
+def test_dense_probe_all_background(world):
+    # a stub whose every patch is the background text: IoU(background) = background pixels / all pixels, every
+    # shape class present in the masks has IoU 0, so mIoU = that fraction / (1 + number of shape classes present)
+    bg_texts = [t.format(p) for p in data.PATTERNS for t in data.LABEL_TEMPLATES["bg_pattern"]]
+    shape_texts = [t.format(s) for s in data.SHAPES for t in data.LABEL_TEMPLATES["main_shape"]]
+    C = 1 + len(data.SHAPES)
+    per_shape = len(data.LABEL_TEMPLATES["main_shape"])
+    table = torch.eye(C)[[0] * len(bg_texts) + [1 + i // per_shape for i in range(len(shape_texts))]]  # (texts, C)
+    model = StubModel(table)
+    model.encode_patches = lambda images: torch.eye(C)[0].expand(len(images), 64, C)  # (B, P = 64, E = C)
+    tok = data.Tokenizer.load(str(world / "tokenizer.json"))
+    dataset = data.ImageTextDataset(data.read_records(str(world / "val.jsonl")), tok, 64, context_length=48)
+    background, pixels, present = 0, 0, set()
+    for r in dataset.records:
+        masks = data.scene_masks(r["scene"])
+        background, pixels = background + (masks == 0).sum(), pixels + masks.size
+        present |= {r["scene"]["objects"][i - 1]["shape"] for i in set(masks.flatten().tolist()) - {0}}
+    miou = eval.dense_probe(model, dataset, StubTokenizer(bg_texts + shape_texts), batch_size=5)
+    assert miou == pytest.approx(100 * background / pixels / (1 + len(present)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the command line on a tiny checkpoint
+
+KEYS = ["ckpt", "data", "step", "K", "M", "N", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
+        "slot0/i2t_R@1", "slot5/t2i_R@10", "branch0/i2t_R@1", "branch1/t2i_R@1", "branch_slot_sim", "branch_wins",
+        "inter_branch_cos", "dense_miou", "zs/val_shapes/top1", "zs/val_shapes/top5"]
+KEYS += [f"zs/{kind}/top{k}" for kind in data.LABEL_KINDS for k in (1, 5)]
+
+
+def test_cli(world, tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    tok = data.Tokenizer.load(str(world / "tokenizer.json"))
+    small = dict(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1, text_heads=2,
+                 embed_dim=16, branches=2, mlp_branch_layers=1, vocab_size=tok.vocab_size, context_length=40)
+    cfg = ModelConfig(**{**PRESETS["tiny"], **small})
+    model = HolisticCLIP(cfg)
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "config": asdict(cfg), "tokenizer": tok.to_dict(), "step": 7,
+                "epoch": 1, "args": {}, "optimizer": {}, "rng": {}}, run / "ckpt.pt")
+    with open(run / "metrics.jsonl", "w") as f:
+        for s in range(1, 6):
+            f.write(json.dumps({"step": s, "loss": 5 - s / 2, "lr": s * 1e-4, "scale": 14.3,
+                                **({"val/i2t_R@1": 10.0 * s} if s % 2 else {})}) + "\n")
+    # a user zero-shot set: jsonl with a "label" field + class-name file (the main shape, read by the world)
+    records = [json.loads(line) for line in open(world / "val.jsonl")]
+    with open(tmp_path / "val_shapes.jsonl", "w") as f:
+        f.writelines(json.dumps({"image": str(world / r["image"]), "label": r["labels"]["main_shape"]}) + "\n"
+                     for r in records)
+    (tmp_path / "shapes.txt").write_text("\n".join(data.SHAPES) + "\n")
+    (tmp_path / "templates.txt").write_text("a {}\none {}\n")
+
+    cmd = [sys.executable, "eval.py", "--ckpt", str(run / "ckpt.pt"), "--data", str(world / "val.jsonl"),
+           "--batch-size", "8", "--device", "cpu", "--zeroshot-jsonl", str(tmp_path / "val_shapes.jsonl"),
+           "--classnames", str(tmp_path / "shapes.txt"), "--templates", str(tmp_path / "templates.txt")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "image->text" in p.stdout and "text->image" in p.stdout
+    lines = (run / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert set(KEYS) <= set(res), set(KEYS) - set(res)
+    assert (res["K"], res["M"], res["N"], res["step"]) == (2, 6, 16, 7)
+    assert all(0 <= res[k] <= 100 for k in res if "R@" in k or k.startswith("zs/") or k == "dense_miou")
+    assert torch.tensor(res["branch_slot_sim"]).shape == (2, 6) and sum(res["branch_wins"]) == 16 * 6
+    # PNG sizes from the drawing code's constants: 96 px cells, 2 px grid padding, 16 px headers
+    cell = 96 + 2
+    sizes = {"curves.png": (4 * 360, 240),                      # loss, lr, scale, validation panels
+             "branch_slot.png": (64 + 72 * 6 + 8, 40 + 28 * 2 + 8),  # K = 2 rows x M = 6 slots
+             "attention.png": (3 * cell + 2, 4 * cell + 2 + 16),     # 4 images x (image + K = 2 branches)
+             "retrieval.png": (5 * (cell + 6) + 2, 4 * (cell + 6 + 2 + 16))}  # 4 queries x top 5, 3 px frames
+    for name, size in sizes.items():
+        with Image.open(run / name) as im:
+            assert (im.format, im.size, im.mode) == ("PNG", size, "RGB"), name
+
+    # --compare on two runs (the second a copy with another number); --help
+    other = tmp_path / "runs" / "other"
+    other.mkdir()
+    (other / "results.jsonl").write_text(json.dumps({**res, "i2t_R@1": 42.0}) + "\n")
+    out = StringIO()
+    eval.compare([str(run), str(other)], file=out)
+    table = out.getvalue().splitlines()
+    assert "tiny" in table[0] and "other" in table[0]
+    assert table[1].split() == ["i2t_R@1", f"{res['i2t_R@1']:.2f}", "42.00"]
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        eval.main()
+    assert stop.value.code == 0 and "--zeroshot-folder" in capsys.readouterr().out
+
+    # the folder form of the same user set (one folder per shape, some empty) gives the same numbers
+    for shape in data.SHAPES:
+        (tmp_path / "folder" / shape).mkdir(parents=True)
+    for r in records:
+        (tmp_path / "folder" / r["labels"]["main_shape"] / Path(r["image"]).name).symlink_to(world / r["image"])
+    paths, labels, names = eval.read_labelled(folder=tmp_path / "folder")
+    assert len(paths) == 16 and names == sorted(data.SHAPES)
+    acc = eval.zeroshot_dataset(model.eval(), tok, paths, labels, names, ["a {}", "one {}"], batch_size=8)
+    assert acc == pytest.approx({1: res["zs/val_shapes/top1"], 5: res["zs/val_shapes/top5"]})
