@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import ImageTextDataset, Tokenizer, make_loader, make_world, read_records
+from data import DataError, ImageTextDataset, Tokenizer, make_loader, make_world, read_records
 from eval import embed_split, evaluate, print_table, retrieval_metrics
 from loss import branch_diversity, m2m_loss
 from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample
@@ -39,20 +39,25 @@ from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample
 # -----------------------------------------------------------------------------
 # config: open_clip-familiar flag names
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--train-data", default=None, help="training jsonl/csv/tsv; default: the synthetic world in data/shapes")
+p.add_argument("--train-data", default=None,
+               help="training jsonl/csv/tsv; default: the synthetic world in data/shapes")
 p.add_argument("--val-data", default=None, help="validation jsonl/csv/tsv (default: val.jsonl beside the train data)")
 p.add_argument("--csv-separator", default=None, help="separator of a .csv/.tsv file (default: by extension)")
 p.add_argument("--captions", type=int, default=None, help="expected M per record (default: that of the first record)")
 p.add_argument("--caption-count", choices=["error", "pad", "drop"], default="error",
                help="records whose caption count is not M: stop, pad by repeating, or drop them (default: %(default)s)")
 p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
-p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary when a tokenizer must be trained (default: %(default)s)")
-p.add_argument("--model", default="tiny", choices=list(PRESETS), help="architecture preset (model.py) (default: %(default)s)")
+p.add_argument("--vocab-size", type=int, default=1024,
+               help="BPE vocabulary when a tokenizer must be trained (default: %(default)s)")
+p.add_argument("--model", default="tiny", choices=list(PRESETS),
+               help="architecture preset (model.py) (default: %(default)s)")
 p.add_argument("--branches", type=int, default=None, help="K image branches for --loss m2m (default: M)")
-p.add_argument("--branch-type", default="cls", choices=["cls", "mlp"], help="K class tokens or K MLP heads (default: %(default)s)")
+p.add_argument("--branch-type", default="cls", choices=["cls", "mlp"],
+               help="K class tokens or K MLP heads (default: %(default)s)")
 p.add_argument("--isolate-cls", action=argparse.BooleanOptionalAction, default=True,
                help="class token i does not attend to class token j (CLS design) (default: %(default)s)")
-p.add_argument("--loss", default="m2m", choices=["m2m", "o2m", "o2o"], help="multi-to-multi, one-to-many, CLIP (default: %(default)s)")
+p.add_argument("--loss", default="m2m", choices=["m2m", "o2m", "o2o"],
+               help="multi-to-multi, one-to-many, CLIP (default: %(default)s)")
 p.add_argument("--branch-diversity", action=argparse.BooleanOptionalAction, default=True,
                help="the 0.7 hinge on the inter-branch cosine when K > 1 (default: %(default)s)")
 p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
@@ -77,7 +82,8 @@ p.add_argument("--logs-dir", default="runs", help="folder of run folders (defaul
 p.add_argument("--name", default=None, help="run folder name (default: from the flags)")
 p.add_argument("--resume", default=None, help="checkpoint path, or 'latest' for runs/NAME/ckpt.pt")
 p.add_argument("--log-every", type=int, default=20, help="steps between log lines (default: %(default)s)")
-p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: only at the end) (default: %(default)s)")
+p.add_argument("--eval-every", type=int, default=0,
+               help="steps between validations (0: only at the end) (default: %(default)s)")
 p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
 p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from the device)")
 p.add_argument("--synthetic-tensors", action="store_true",
@@ -140,9 +146,12 @@ else:
         barrier()
     val_path = args.val_data or os.path.join(os.path.dirname(train_path), "val.jsonl")
     read = dict(captions=args.captions, on_count=args.caption_count, skip_bad=args.skip_bad, sep=args.csv_separator)
-    train_records = read_records(train_path, **read)
-    M = len(train_records[0]["caption"])
-    val_records = read_records(val_path, **{**read, "captions": M}) if os.path.exists(val_path) else None
+    try:  # bad input stops here with FILE:LINE and the reason (or is skipped and counted with --skip-bad)
+        train_records = read_records(train_path, **read)
+        M = len(train_records[0]["caption"])
+        val_records = read_records(val_path, **{**read, "captions": M}) if os.path.exists(val_path) else None
+    except DataError as e:
+        sys.exit(f"error: {e}")
     # the tokenizer: from the checkpoint when resuming, else beside the data, else trained on the captions
     tok_path = os.path.join(os.path.dirname(os.path.abspath(train_path)), "tokenizer.json")
     if ckpt is not None:

@@ -130,3 +130,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world
     ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_bad_record_stops_with_file_and_line(tmp_path):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"image": "a.png", "caption": ["a red circle"]}\n{"image": "b.png", "caption": []}\n')
+    r = train(tmp_path, tmp_path / "runs", "--name", "bad", "--max-steps", "1", check=False)
+    assert r.returncode == 1
+    assert f"{bad}:2:" in r.stderr, r.stderr[-2000:]
