@@ -369,7 +369,8 @@ if stopped:
         print(f"stopped ({stopped}) at step {step}; resume with --name {os.path.basename(run_dir)} --resume latest")
 elif master and val_set is not None:
     raw_model.eval()
-    results = {"step": step, **evaluate(raw_model, val_set, device=device, tokenizer=tokenizer)}
+    results = {"step": step, "K": K, "M": slots,  # M = the slots trained on (1 for o2o)
+               **evaluate(raw_model, val_set, device=device, tokenizer=tokenizer)}
     print_table(results)
     with open(os.path.join(run_dir, "results.jsonl"), "a") as f:
         f.write(json.dumps(results) + "\n")
