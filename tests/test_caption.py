@@ -1,0 +1,231 @@
+"""Tests of caption.py, the captioning stage, on a toy world (about 30 s on 2 CPU cores):
+
+    python -m pytest -q tests/test_caption.py
+
+A micro captioner is trained to write one fixed text per prompt, so what it must write is known; the
+resumed, the two-rank and the single-process generation runs are compared with each other; cleaning
+and scoring are checked on hand-made strings and records with known answers.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import caption  # noqa: E402
+import data  # noqa: E402
+import model  # noqa: E402
+
+torch.set_num_threads(1)  # micro models on a shared CPU: a second thread only adds waiting
+
+# one fixed text per slot, in the world's own words (so score can read them); slot 0 keeps the alt-text
+FIXED = {"detail": "a small red circle at the top left on a blue plain background, vivid style",
+         "nouns": "star, ring", "background": "a green dots background", "main": "a large pink heart",
+         "style": "a pastel style picture"}
+DETAIL2 = "a large blue ring at the centre on a red stripes background, dark style"
+PROMPTS = ",".join(caption.SLOT_PROMPTS.values())  # detail,nouns,background,main,style
+MICRO = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
+             text_layers=1, text_heads=2, context_length=32, embed_dim=32, mlp_branch_layers=1)  # costs nothing
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A 24 + 8 image world whose training texts are FIXED per slot, and two micro captioners trained on
+    it: cap (FIXED) and cap2 (FIXED with another detail text, for gadget 2)."""
+    root = tmp_path_factory.mktemp("toy")
+    data.make_world(str(root), train_size=24, val_size=8, image_size=32, seed=1, vocab_size=300)
+    records = [json.loads(line) for line in open(root / "train.jsonl")]
+    for name, texts in (("cap", FIXED), ("cap2", {**FIXED, "detail": DETAIL2})):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps({**r, "caption": r["caption"][:1] + list(texts.values())}) + "\n")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(model.PRESETS, "micro", MICRO)
+            caption.main(["train", "--data", str(root / f"{name}.jsonl"), "--out", str(root / name), "--model",
+                          "micro", "--width", "64", "--layers", "1", "--heads", "2", "--max-steps", "150",
+                          "--batch-size", "8", "--lr", "3e-3"])
+    return root
+
+
+def generate(root, out, *extra):
+    caption.main(["generate", "--ckpt", str(root / "cap" / "captioner.pt"), "--data", str(root / "val.jsonl"),
+                  "--prompts", PROMPTS, "--out", str(out), "--batch-size", "3", *extra])
+    return open(out).read() if os.path.exists(out) else None  # ranks > 0 write only their part
+
+
+# ----------------------------------------------------------------------------------------------------
+# the captioner follows its prompt
+
+
+def test_prompt_conditioning(toy, tmp_path):
+    """Every prompt gets its own learned text (the image alone cannot tell them apart); slot 0 is the
+    input's alt-text and the other keys of the record are kept."""
+    out = [json.loads(line) for line in generate(toy, tmp_path / "g1.jsonl").splitlines()]
+    val = [json.loads(line) for line in open(toy / "val.jsonl")]
+    assert len(out) == len(val)
+    for o, v in zip(out, val):
+        assert o["caption"] == [v["caption"][0]] + list(FIXED.values())
+        assert o["scene"] == v["scene"] and o["labels"] == v["labels"]
+        assert os.path.samefile(tmp_path / o["image"], toy / v["image"])  # relative to the output file
+
+
+def test_gadget2_one_text_per_captioner(toy, tmp_path):
+    out = generate(toy, tmp_path / "g2.jsonl", "--prompts", "detail", "--ckpt", str(toy / "cap2" / "captioner.pt"))
+    val = [json.loads(line) for line in open(toy / "val.jsonl")]
+    assert [json.loads(line)["caption"] for line in out.splitlines()] == [[v["caption"][0], FIXED["detail"], DETAIL2]
+                                                                          for v in val]
+
+
+def test_top_p_sampling(toy, tmp_path):
+    """Sampling with a nucleus of one token is greedy decoding (a known special case)."""
+    greedy = generate(toy, tmp_path / "greedy.jsonl")
+    assert generate(toy, tmp_path / "sampled.jsonl", "--temperature", "1", "--top-p", "1e-6") == greedy
+
+
+def test_checkpoint_loads_weights_only(toy):
+    ckpt = torch.load(toy / "cap" / "captioner.pt", map_location="cpu", weights_only=True)
+    assert ckpt["config"]["prompts"] == list(FIXED)
+    assert data.Tokenizer.from_dict(ckpt["tokenizer"]).vocab_size == ckpt["config"]["vocab_size"] == 300
+
+
+# ----------------------------------------------------------------------------------------------------
+# resumable, per-rank parts, merge in input order, valid records
+
+
+def test_resume_appends_nothing_twice(toy, tmp_path):
+    full = generate(toy, tmp_path / "full.jsonl")
+    # a run killed after 3 images, in the middle of writing the 4th line
+    lines = full.splitlines(keepends=True)
+    (tmp_path / "cut.jsonl").write_text("".join(lines[:3]) + lines[3][:25])
+    assert generate(toy, tmp_path / "cut.jsonl") == full
+    assert generate(toy, tmp_path / "cut.jsonl") == full  # a finished output: nothing to do
+
+
+def test_two_ranks_merge_in_input_order(toy, tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "single")
+    os.makedirs(tmp_path / "ranks")  # the same depth: the same relative image paths
+    single = generate(toy, tmp_path / "single" / "out.jsonl")
+    out = tmp_path / "ranks" / "out.jsonl"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # rank 1 first: it writes its part and leaves
+    generate(toy, out)
+    assert not out.exists() and len(open(f"{out}.part1").readlines()) == 4  # images 1, 3, 5, 7
+    monkeypatch.setenv("RANK", "0")  # rank 0 writes its part, finds rank 1's complete, merges
+    assert generate(toy, out) == single
+    assert not os.path.exists(f"{out}.part0") and not os.path.exists(f"{out}.part1")
+
+
+def test_output_passes_data_check(toy, tmp_path):
+    generate(toy, tmp_path / "g.jsonl")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--check", str(tmp_path / "g.jsonl"),
+                          "--captions", "6"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "8 good records, 0 bad" in run.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# cleaning
+
+
+def test_cleaning_rules():
+    assert caption.degenerate("a red a red a red a red")
+    assert caption.degenerate("stripes stripes stripes stripes background")
+    assert not caption.degenerate("circle, circle, circle")  # three circles: a legal nouns text
+    assert not caption.degenerate("a small red circle at the top and a small red star at the left")
+    assert not caption.acceptable("", [])
+    assert not caption.acceptable("Red Circle", ["an alt", "red circle"])  # duplicate, ignoring case
+    assert caption.acceptable("a red circle", ["red circle"])
+
+
+def test_ground_truth_texts_are_never_degenerate():
+    rng = random.Random(0)
+    for _ in range(300):
+        assert not any(caption.degenerate(t) for t in data.scene_texts(data.sample_scene(rng), rng))
+
+
+class Scripted:
+    """Stands in for a Captioner: returns scripted texts, the greedy call first, then each sampled retry."""
+
+    def __init__(self, tok, script):
+        self.tok, self.script, self.calls = tok, script, []
+        self.config = caption.CaptionerConfig({}, ["main"], tok.vocab_size)
+
+    def generate(self, memory, prompt_ids, temperature, top_p):
+        self.calls.append(temperature)
+        texts = self.script.pop(0)
+        assert len(texts) == len(prompt_ids)  # only the images that still need a text are asked again
+        ids = [self.tok.encode(t) + [self.tok.eot] for t in texts]
+        return torch.tensor([i + [self.tok.pad] * (40 - len(i)) for i in ids])
+
+
+def test_fallback_chain():
+    """Greedy first; empty, looping or duplicate texts are sampled again (temperature 1) up to RETRIES
+    times; what is still bad becomes the image's first caption."""
+    tok = data.Tokenizer.train(["a red circle and a blue star"], 300)
+    earlier = [["alt zero"], ["alt one"], ["alt two"], ["alt three"]]
+    script = [["a red circle", "", "star star star star", "Alt Three"],  # greedy: 3 bad
+              ["a blue star", "", "star star star star"],                # retry 1 of images 1, 2, 3
+              ["", "red"],                                               # retry 2 of images 1, 2
+              ["star"]]                                                  # retry 3 of image 2
+    net = Scripted(tok, script)
+    counts = {"retried": 0, "fallback": 0}
+    args = SimpleNamespace(device="cpu", temperature=0.0, top_p=0.9)
+    memory = [[torch.zeros(4, 1, 1, 1)] * 2]
+    out = caption.caption_texts(net, tok, memory, "main", earlier, args, counts)
+    assert out == ["a red circle", "a blue star", "star", "red"]
+    assert net.calls == [0.0, 1.0, 1.0, 1.0] and counts == {"retried": 6, "fallback": 0}
+    net = Scripted(tok, [["", "alt one"]] + [["", "alt one"]] * caption.RETRIES)
+    counts = {"retried": 0, "fallback": 0}
+    out = caption.caption_texts(net, tok, [[torch.zeros(2, 1, 1, 1)] * 2], "main", earlier[:2], args, counts)
+    assert out == ["alt zero", "alt one"] and counts["fallback"] == 2  # the first caption (a duplicate: last resort)
+
+
+# ----------------------------------------------------------------------------------------------------
+# score
+
+
+def test_score_known_accuracy(tmp_path):
+    """Two hand-made scenes: every perspective right on one image and wrong on the other (detail: the
+    objects' intersection over union, 1 right of 2 true and 3 written: 1 / 4)."""
+    scene = {"image_size": 64, "background": {"colour": "blue", "pattern": "dots"}, "style": "pastel",
+             "objects": [{"shape": "heart", "colour": "red", "size": "large", "position": "top left"},
+                         {"shape": "ring", "colour": "white", "size": "small", "position": "centre"}]}
+    right = ["IMG_0001.png", "a large red heart at the top left and a small white ring at the centre",
+             "rings, heart", "the background is blue with a dots pattern", "the main object is a red heart",
+             "the picture looks pastel, soft"]
+    wrong = ["art", "a large red heart at the top left, a small white ring at the bottom and a small red star at "
+             "the top", "heart", "a blue stripes background", "a red ring", "a vivid style picture"]
+    results = score(tmp_path, scene, [right, wrong])
+    assert results["slot1/detail"] == pytest.approx((1 + 1 / 4) / 2)
+    for m, name in enumerate(["nouns", "background", "main", "style"], 2):
+        assert results[f"slot{m}/{name}"] == 0.5, name
+
+
+def test_score_diversity(tmp_path):
+    """Word-set Jaccard of the generated texts (slot 0, the alt-text, left out): {a, vivid, style} and
+    {a, dark, style} share 2 of 4 words."""
+    scene = {"image_size": 64, "background": {"colour": "blue", "pattern": "dots"}, "style": "vivid",
+             "objects": [{"shape": "heart", "colour": "red", "size": "large", "position": "top left"}]}
+    results = score(tmp_path, scene, [["heart", "a vivid style", "A dark style."]], "alt,style,style")
+    assert results == {"slot1/style": 1.0, "slot2/style": 0.0, "diversity/jaccard": 0.5}
+
+
+def score(folder, scene, captions, *slots):
+    """caption.py score on generated records with `captions`, against truth records with `scene`."""
+    for name, records in (("truth.jsonl", [{"image": f"{i}.png", "caption": "x", "scene": scene} for i in
+                                           range(len(captions))]),
+                          ("gen.jsonl", [{"image": f"{i}.png", "caption": c} for i, c in enumerate(captions)])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return caption.main(["score", "--data", str(folder / "gen.jsonl"), "--truth", str(folder / "truth.jsonl")]
+                        + (["--slots", *slots] if slots else []))
+
+
+def test_score_of_ground_truth_is_perfect(toy):
+    results = caption.main(["score", "--data", str(toy / "val.jsonl"), "--truth", str(toy / "val.jsonl")])
+    assert all(v == 1.0 for k, v in results.items() if k.startswith("slot"))
