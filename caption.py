@@ -15,9 +15,15 @@ perspective to write. It learns each perspective from examples, e.g. the synthet
         --data data/shapes5k/val.jsonl --prompts detail --out runs/cap/g2.jsonl          # gadget 2
     torchrun --nproc_per_node=4 caption.py generate ...       # rank r writes OUT.part{r}, rank 0 merges
     python caption.py score --data runs/cap/g1.jsonl --truth data/shapes5k/val.jsonl [--ckpt runs/x/ckpt.pt]
+    python caption.py score --data runs/cap/g2.jsonl --truth data/shapes5k/val.jsonl --slots alt,detail,detail
 
-Output records: {"image", "caption": [slot 0 = the input's first caption (its alt-text) when it has one,
-then one text per captioner and prompt], the input's other keys (scene, labels)}.
+Output records: {"image", "caption": [slot 0 = the input's first caption (its alt-text), then one text per
+captioner and prompt], the input's other keys (scene, labels)}, image paths relative to the output file.
+Cleaning: whitespace is collapsed; an empty text, a repetition loop or a repeat of an earlier text of the
+same image is sampled again (temperature 1) up to RETRIES times, then replaced by the image's first caption.
+Resuming: images already in OUT are skipped; one line is appended and flushed per image. torchrun (only
+RANK and WORLD_SIZE are read, no process group): rank r captions records r::W into OUT.part{r}, rank 0
+waits for all parts and writes OUT in input order; after a crash, rerun the same command.
 Letters: B images per batch, N patches, D width, T tokens, V vocabulary, M texts per image, W world size.
 """
 import argparse
@@ -109,6 +115,8 @@ class DecoderBlock(nn.Module):
 
 
 class Captioner(nn.Module):
+    """images -> encode -> memory (the image tokens' keys and values) -> decode -> text, one prompt at a time."""
+
     def __init__(self, config: CaptionerConfig):
         super().__init__()
         c = self.config = config
@@ -207,7 +215,8 @@ def train(args):
     # no augmentation: a crop could move an object across a position boundary ("top left")
     dataset = data.ImageTextDataset(records, tok, vision["image_size"], train=False,
                                     context_length=args.context_length, seed=args.seed)
-    assert dataset.tokens.shape[1] == len(slots), f"records have {dataset.tokens.shape[1]} captions, --slots {len(slots)}"
+    M = dataset.tokens.shape[1]
+    assert M == len(slots), f"{args.data}: records have {M} captions, --slots names {len(slots)}"
     columns = [slots.index(p) for p in prompts]  # caption slot of each prompt
     decay = [p for p in net.parameters() if p.dim() >= 2]
     rest = [p for p in net.parameters() if p.dim() < 2]
@@ -324,8 +333,11 @@ def caption_texts(net, tok, memory, prompt, earlier, args, counts):
     return result
 
 
+@torch.no_grad()
 def generate(args):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's env
+    if args.device == "cuda":  # one GPU per rank on a node
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     torch.manual_seed(args.seed + rank)
     nets = [load_captioner(path, args.device) for path in args.ckpt]
     prompts = args.prompts.split(",")
@@ -349,15 +361,15 @@ def generate(args):
             for i in tqdm(range(0, len(todo), args.batch_size), disable=None if rank == 0 else True):
                 batch = todo[i:i + args.batch_size]
                 pil = [data.load_image(r["image_path"]) for r in batch]
-                earlier = [r["caption"][:1] for r in batch]  # slot 0: the input's first caption
+                captions = [r["caption"][:1] for r in batch]  # slot 0: the input's first caption
                 for (net, tok), transform in zip(nets, transforms):
                     memory = net.encode(torch.stack([transform(p) for p in pil]).to(args.device))
                     for p in prompts:
-                        for texts, t in zip(earlier, caption_texts(net, tok, memory, p, earlier, args, counts)):
-                            texts.append(t)
-                for r, texts in zip(batch, earlier):
+                        for c, t in zip(captions, caption_texts(net, tok, memory, p, captions, args, counts)):
+                            c.append(t)
+                for r, c in zip(batch, captions):
                     keep = {k: v for k, v in r.items() if k not in ("line", "image_path")}
-                    f.write(json.dumps({**keep, "caption": texts}) + "\n")
+                    f.write(json.dumps({**keep, "caption": c}) + "\n")
                     f.flush()  # one finished line per image: a killed run resumes after it
     seconds = time.time() - start
     n_texts = len(todo) * len(nets) * len(prompts)
@@ -391,6 +403,7 @@ def merge(out, images, world):
 # ----------------------------------------------------------------------------------------------------
 # score: per-perspective accuracy against the synthetic world's scenes, and text diversity
 
+
 def mentioned(text, names):
     """The names of a vocabulary (data.SHAPES, ...) that `text` mentions, in order: whole words, longest
     name first ("top left" before "top"), plurals allowed ("circles", "crosses")."""
@@ -413,9 +426,9 @@ def correct(perspective, text, scene):
     assert perspective == "detail", f"no accuracy rule for perspective {perspective!r}"
     # the objects written as the world writes them, "SIZE COLOUR SHAPE at (the) POSITION"; each true object
     # may match one written object: the intersection over union of the true and the written objects
-    words = [rf"({'|'.join(sorted(v, key=len, reverse=True))})" for v in
-             (data.SIZES, data.COLOURS, data.SHAPES, data.POSITIONS)]
-    written = re.findall(rf"\b{words[0]} {words[1]} {words[2]} at (?:the )?{words[3]}\b", text.lower())
+    size, colour, shape, position = [rf"({'|'.join(sorted(v, key=len, reverse=True))})" for v in
+                                     (data.SIZES, data.COLOURS, data.SHAPES, data.POSITIONS)]
+    written = re.findall(rf"\b{size} {colour} {shape} at (?:the )?{position}\b", text.lower())
     right = 0
     for o in objects:
         key = (o["size"], o["colour"], o["shape"], o["position"])
@@ -491,13 +504,13 @@ def main(argv=None):
     t.add_argument("--heads", type=int, default=4, help="decoder attention heads")
     t.add_argument("--context-length", type=int, default=77, help="prompt token + text tokens + EOT")
     t.add_argument("--vocab-size", type=int, default=1024, help="BPE size when --data has no tokenizer.json")
-    t.add_argument("--max-steps", type=int, default=3000)
+    t.add_argument("--max-steps", type=int, default=3000, help="optimizer steps (the schedule's length)")
     t.add_argument("--max-minutes", type=float, default=None, help="also stop after this wall time")
     t.add_argument("--batch-size", type=int, default=16, help="images per step (each with all prompts)")
     t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the tiny ViT stalls at 1e-3)")
     t.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay on >= 2-D weights")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     g = sub.add_parser("generate", **defaults, help="write M texts per image (resumable; torchrun: one part per rank)")
     g.add_argument("--ckpt", action="append", required=True, help="captioner.pt; repeat for gadget 2")
     g.add_argument("--data", required=True, help="jsonl of the images to caption")
@@ -505,15 +518,15 @@ def main(argv=None):
     g.add_argument("--out", required=True, help="output jsonl (appended to: resumes)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    g.add_argument("--seed", type=int, default=0, help="sampling (temperature > 0 and the retries)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda (= cuda:LOCAL_RANK under torchrun), cuda:1")
     s = sub.add_parser("score", **defaults, help="per-perspective accuracy (synthetic world) and text diversity")
     s.add_argument("--data", required=True, help="generated jsonl")
     s.add_argument("--truth", required=True, help="the world's jsonl with the scenes")
     s.add_argument("--slots", default=None, help="what each caption slot holds (default: alt + the world's prompts)")
     s.add_argument("--ckpt", default=None, help="a HolisticCLIP checkpoint: also text-tower diversity")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="for the --ckpt text tower")
     args = parser.parse_args(argv)
     return {"train": train, "generate": generate, "score": score}[args.command](args)
 

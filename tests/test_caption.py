@@ -22,8 +22,6 @@ import caption  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 
-torch.set_num_threads(1)  # micro models on a shared CPU: a second thread only adds waiting
-
 # one fixed text per slot, in the world's own words (so score can read them); slot 0 keeps the alt-text
 FIXED = {"detail": "a small red circle at the top left on a blue plain background, vivid style",
          "nouns": "star, ring", "background": "a green dots background", "main": "a large pink heart",
@@ -32,6 +30,15 @@ DETAIL2 = "a large blue ring at the centre on a red stripes background, dark sty
 PROMPTS = ",".join(caption.SLOT_PROMPTS.values())  # detail,nouns,background,main,style
 MICRO = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
              text_layers=1, text_heads=2, context_length=32, embed_dim=32, mlp_branch_layers=1)  # costs nothing
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Micro models on a shared CPU: a second thread only adds waiting. Restored for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
