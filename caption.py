@@ -454,7 +454,7 @@ def score(args):
     truth = {os.path.realpath(r["image"]): r for r in data.read_records(args.truth)}  # "a/../b" == "b"
     slots = args.slots.split(",") if args.slots else ["alt"] + list(SLOT_PROMPTS.values())
     clip = None
-    if args.ckpt:  # a HolisticCLIP checkpoint of train.py (contract.md): its text tower
+    if args.ckpt:  # a HolisticCLIP checkpoint of train.py: its text tower
         ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
         clip = model.HolisticCLIP(model.ModelConfig(**ckpt["config"]))
         clip.load_state_dict(ckpt["model"])

@@ -60,8 +60,10 @@ def gather(x):
         return x
     import torch.distributed.nn.functional as dist_nn  # only needed (and only importable) when distributed
     out = torch.cat(dist_nn.all_gather(x), 0)  # (W*B, ...)
-    if out.requires_grad:  # on gloo, all_gather's backward scatters into buffers strided like the gradient
-        out.register_hook(lambda grad: grad.contiguous())  # and gloo's scatter ignores strides (pytorch#192920)
+    # on gloo, all_gather's backward scatters into buffers strided like the incoming gradient and ignores the
+    # strides: a non-contiguous gradient came back wrong in the 2-process test, so make it contiguous first
+    if out.requires_grad:
+        out.register_hook(lambda grad: grad.contiguous())
     return out
 
 
