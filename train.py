@@ -264,11 +264,12 @@ for sig in (signal.SIGTERM, signal.SIGINT):
 def synthetic_batches():
     """The same random batch forever, made on the device: a throughput measurement without data loading."""
     g = torch.Generator(device="cpu").manual_seed(args.seed + rank)
-    images = torch.randn(args.batch_size, 3, config.image_size, config.image_size, generator=g)
+    images = torch.randn(args.batch_size, 3, config.image_size, config.image_size, generator=g).to(device)
     tokens = torch.randint(1, config.vocab_size - 2, (args.batch_size, M, config.context_length), generator=g)
     tokens[..., -1] = config.vocab_size - 1  # EOT (the largest id) at the end of every text
+    tokens = tokens.to(device)
     while True:
-        yield images.to(device), tokens.to(device)
+        yield images, tokens
 
 
 def validate():
