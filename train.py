@@ -193,8 +193,9 @@ max_steps = args.max_steps or args.epochs * steps_per_epoch
 # class or position embeddings
 no_decay = ("class_embedding", "positional_embedding", "logit_scale")
 params = [(n, q) for n, q in raw_model.named_parameters() if q.requires_grad]
-decay = [q for n, q in params if q.ndim >= 2 and not n.endswith(no_decay)]
-other = [q for n, q in params if not (q.ndim >= 2 and not n.endswith(no_decay))]
+decays = {n: q.ndim >= 2 and not n.endswith(no_decay) for n, q in params}
+decay = [q for n, q in params if decays[n]]
+other = [q for n, q in params if not decays[n]]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": other, "weight_decay": 0.0}],
                               lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
 
@@ -284,7 +285,7 @@ def validate():
     return metrics
 
 
-stopped, last_saved = None, step
+stopped, last_saved = None, (step if ckpt is not None else None)  # the step ckpt.pt holds
 bar = tqdm(total=max_steps, initial=step, disable=None if master else True, dynamic_ncols=True)
 metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
 t_log = time.time()
@@ -301,7 +302,6 @@ while step < max_steps and stopped is None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, tokens = images.to(device, non_blocking=True), tokens[:, :slots].to(device, non_blocking=True)
-        t0 = time.time()
         with autocast:
             img, txt, scale = model(images, tokens)  # (B, K, E), (B, M, E), ()
         img, txt = img.float(), txt.float()
@@ -363,7 +363,8 @@ bar.close()
 # -----------------------------------------------------------------------------
 # cleanup: a clean stop says where it stopped; a non-finite loss exits non-zero with the step named
 if stopped and stopped.startswith("non-finite"):
-    print(f"stopping: {stopped}; {run_dir}/ckpt.pt still holds step {last_saved}", file=sys.stderr)
+    kept = f"{run_dir}/ckpt.pt still holds step {last_saved}" if last_saved is not None else "no checkpoint yet"
+    print(f"stopping: {stopped}; {kept}", file=sys.stderr)
     sys.exit(1)
 if stopped:
     if master:
