@@ -208,7 +208,7 @@ def train(args):
     tok_path = os.path.join(os.path.dirname(os.path.abspath(args.data)), "tokenizer.json")
     tok = (data.Tokenizer.load(tok_path) if os.path.exists(tok_path) else
            data.Tokenizer.train([c for r in records for c in r["caption"]], args.vocab_size))
-    vision = {**model.PRESETS[args.model], "branches": 1, "vocab_size": tok.vocab_size}
+    vision = {**model.PRESETS[args.model], "branches": 1, "vocab_size": tok.vocab_size, "conv_stem": args.conv_stem}
     config = CaptionerConfig(vision, prompts, tok.vocab_size, args.context_length, args.width, args.layers,
                              args.heads)
     net = Captioner(config).to(args.device)
@@ -499,6 +499,8 @@ def main(argv=None):
     t.add_argument("--slots", default=",".join(data.SLOTS), help="what each caption slot of --data holds")
     t.add_argument("--prompts", default=default_prompts, help="the prompts to learn, comma-separated")
     t.add_argument("--model", default="tiny", choices=list(model.PRESETS), help="vision tower preset (model.py)")
+    t.add_argument("--conv-stem", action=argparse.BooleanOptionalAction, default=True,
+                   help="convolutional stem in the vision tower (model.conv_stem): shapes are learned far sooner")
     t.add_argument("--width", type=int, default=128, help="decoder width D")
     t.add_argument("--layers", type=int, default=2, help="decoder blocks")
     t.add_argument("--heads", type=int, default=4, help="decoder attention heads")

@@ -18,6 +18,7 @@ Letters: K image branches, M texts per image, E joint embedding dim, B a batch, 
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from functools import partial
@@ -410,18 +411,34 @@ def plot_retrieval(dataset, img, txt, slots, n=4, top=5, cell=96):
 # comparing runs (ablation tables)
 
 def compare(runs, file=sys.stdout):
-    """Print the latest results.jsonl line of each run (a folder or the file itself): rows = main metrics."""
-    paths = [Path(run) / "results.jsonl" if Path(run).is_dir() else Path(run) for run in runs]
-    latest = [json.loads([line for line in open(path) if line.strip()][-1]) for path in paths]
-    keys = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-    keys += sorted({k for r in latest for k in r if k.startswith("zs/") and k.endswith("/top1")})
-    keys += ["dense_miou", "inter_branch_cos", "K", "M", "step"]
+    """A markdown table of runs, one row each: the latest results.jsonl line of every run (a folder or the
+    file itself). Runs named alike but for a final "-s<seed>" are one row: mean ± standard deviation over
+    their seeds. Columns: retrieval R@1 both ways, the best single branch, image->text R@1 per caption
+    slot, zero-shot top-1 per label kind, dense mIoU, the mean inter-branch cosine."""
+    groups = {}  # row name -> the runs' latest results
+    for run in runs:
+        path = Path(run) / "results.jsonl" if Path(run).is_dir() else Path(run)
+        if not path.exists():  # e.g. a run still training
+            print(f"{path}: no results yet, left out", file=sys.stderr)
+            continue
+        latest = json.loads([line for line in open(path) if line.strip()][-1])
+        latest["best_branch/i2t_R@1"] = max((v for k, v in latest.items()
+                                             if k.startswith("branch") and k.endswith("/i2t_R@1")), default=None)
+        groups.setdefault(re.sub(r"-s\d+$", "", path.parent.name), []).append(latest)
+    every = {k for rs in groups.values() for r in rs for k in r}
+    keys = ["i2t_R@1", "t2i_R@1", "best_branch/i2t_R@1"]
+    keys += sorted((k for k in every if k.startswith("slot") and k.endswith("/i2t_R@1")), key=lambda k: int(k[4:-8]))
+    keys += sorted(k for k in every if k.startswith("zs/") and k.endswith("/top1"))
+    keys += ["dense_miou", "inter_branch_cos"]
 
-    def fmt(v):
-        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-    print(f"{'':<24}" + "".join(f"{p.parent.name[-15:]:>16}" for p in paths), file=file)  # run folder names
-    for key in keys:
-        print(f"{key:<24}" + "".join(f"{fmt(r.get(key)):>16}" for r in latest), file=file)
+    def cell(values, digits):
+        v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
+        return "-" if not len(v) else f"{v.mean():.{digits}f}" + (f" ± {v.std():.{digits}f}" if len(v) > 1 else "")
+    header = ["run", "seeds"] + [k.removesuffix("/top1").removesuffix("_R@1").replace("/", " ").replace("_", " ")
+                                 for k in keys]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), file=file)
+    for name, rs in groups.items():
+        print(f"| {name} | {len(rs)} | " + " | ".join(cell([r.get(k) for r in rs], 3 if k == "inter_branch_cos" else 1) for k in keys) + " |", file=file)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,7 +458,7 @@ def main():
     user.add_argument("--zeroshot-jsonl", help='user zero-shot set: records {"image": path, "label": name or index}')
     p.add_argument("--classnames", help="one class name per line (folder: names the sorted sub-folders)")
     p.add_argument("--templates", help='one prompt template per line, with "{}" (default: "a photo of a {}.")')
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="print the latest results of these runs")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="a markdown table of these runs' latest results (seeds of a run averaged)")
     args = p.parse_args()
     if args.compare:
         return compare(args.compare)

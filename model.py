@@ -34,6 +34,7 @@ import torch.nn.functional as F
 class ModelConfig:
     image_size: int            # H = W of the input images
     patch_size: int            # conv1 stride; N = (image_size / patch_size)^2 patches
+    conv_stem: bool = False    # conv1 = stride-2 3x3 convolutions instead of one patchify conv (conv_stem)
     vision_width: int          # D of the image tower
     vision_layers: int
     vision_heads: int
@@ -52,6 +53,7 @@ class ModelConfig:
         assert self.branch_type in ("cls", "mlp"), f"branch_type must be cls or mlp, got {self.branch_type}"
         assert self.branches >= 1, f"branches (K) must be >= 1, got {self.branches}"
         assert self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"
+        assert not self.conv_stem or self.patch_size & (self.patch_size - 1) == 0, "conv_stem: patch_size 2^n"
         assert self.vision_width % self.vision_heads == 0, "vision_width must divide into vision_heads"
         assert self.text_width % self.text_heads == 0, "text_width must divide into text_heads"
         assert 1 <= self.mlp_branch_layers <= self.vision_layers, "need 1 <= mlp_branch_layers <= vision_layers"
@@ -156,6 +158,23 @@ class Transformer(nn.Module):
 # the image tower: K branches
 
 
+def stem_widths(D, patch_size):
+    """The channels along a conv stem: [3, D/4, D/2, D] for patch 8."""
+    n = int(math.log2(patch_size))
+    return [3] + [D >> (n - 1 - i) for i in range(n)]
+
+
+def conv_stem(D, patch_size):
+    """Xiao et al. 2021, "Early convolutions help transformers see better": log2(patch_size) stride-2 3x3
+    convolutions (widths D/4, D/2, D for patch 8), then a 1x1 to D, in place of one patchify conv. Same
+    patch grid, (B, 3, H, W) -> (B, D, H/p, W/p). A ViT trained from scratch on few images learns shapes
+    much sooner with it (caption.py uses it; no preset does). GELU, no norm layer: nothing to sync in DDP."""
+    widths, layers = stem_widths(D, patch_size), []
+    for c_in, c_out in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+    return nn.Sequential(*layers, nn.Conv2d(widths[-1], D, 1))
+
+
 def isolation_mask(K, N):
     """Boolean (K+N, K+N), True = may attend. Class token i sees itself and every patch but no
     other class token; patches see everything. Used in every layer (paper.md section 2).
@@ -176,7 +195,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         D, K, N = c.vision_width, c.branches, (c.image_size // c.patch_size) ** 2
         cls_design = c.branch_type == "cls"
-        self.conv1 = nn.Conv2d(3, D, kernel_size=c.patch_size, stride=c.patch_size, bias=False)
+        self.conv1 = (conv_stem(D, c.patch_size) if c.conv_stem else
+                      nn.Conv2d(3, D, kernel_size=c.patch_size, stride=c.patch_size, bias=False))
         self.class_embedding = nn.Parameter(torch.empty(K if cls_design else 1, D))  # (C, D)
         self.positional_embedding = nn.Parameter(torch.empty(len(self.class_embedding) + N, D))  # (C+N, D)
         self.ln_pre = nn.LayerNorm(D)
@@ -231,8 +251,10 @@ class HolisticCLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=c.text_width ** -0.5)
         v, D = self.visual, c.vision_width
-        # conv1: openai keeps PyTorch's default (uniform, std (3 fan_in)^-0.5); written out here
-        nn.init.normal_(v.conv1.weight, std=(3 * 3 * c.patch_size ** 2) ** -0.5)
+        # conv1: openai keeps PyTorch's default (uniform, std (3 fan_in)^-0.5); written out here.
+        # A conv stem keeps PyTorch's defaults.
+        if not c.conv_stem:
+            nn.init.normal_(v.conv1.weight, std=(3 * 3 * c.patch_size ** 2) ** -0.5)
         nn.init.normal_(v.class_embedding, std=D ** -0.5)
         nn.init.normal_(v.positional_embedding, std=D ** -0.5)
         nn.init.normal_(v.proj, std=D ** -0.5)
@@ -325,7 +347,14 @@ def flops_per_sample(config: ModelConfig, M=1):
         return 2 * (streams * attn_fc + c_proj_copies * 4 * L * D * D)
 
     K, D, N = c.branches, c.vision_width, (c.image_size // c.patch_size) ** 2
-    image = 2 * N * D * 3 * c.patch_size ** 2 + 2 * K * D * c.embed_dim  # conv1, proj of K tokens
+    image = 2 * K * D * c.embed_dim  # proj of the K class tokens
+    if c.conv_stem:  # stride-2 3x3 convs (9 c_in c_out per output pixel), then the 1x1 on the N patches
+        widths = stem_widths(D, c.patch_size)
+        image += 2 * N * widths[-1] * D
+        for i, (c_in, c_out) in enumerate(zip(widths, widths[1:]), 1):
+            image += 2 * (c.image_size >> i) ** 2 * 9 * c_in * c_out
+    else:  # conv1: one D-vector per patch from 3 p^2 pixels
+        image += 2 * N * D * 3 * c.patch_size ** 2
     if c.branch_type == "cls":
         image += c.vision_layers * block(K + N, D)
     else:  # shared blocks, the fork block (one stream in, K copies of c_proj), then K streams

@@ -8,6 +8,7 @@ best correct one; hit@k <=> rank < k (ties count against the query).
 """
 import json
 import math
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict
@@ -263,15 +264,16 @@ def test_cli(world, tmp_path, monkeypatch, capsys):
         with Image.open(run / name) as im:
             assert (im.format, im.size, im.mode) == ("PNG", size, "RGB"), name
 
-    # --compare on two runs (the second a copy with another number); --help
-    other = tmp_path / "runs" / "other"
-    other.mkdir()
-    (other / "results.jsonl").write_text(json.dumps({**res, "i2t_R@1": 42.0}) + "\n")
+    # --compare: the seeds of one run are one row (mean ± standard deviation), a missing run is left out
+    for seed, value in ((1, 40.0), (2, 44.0)):
+        (tmp_path / "runs" / f"abl-s{seed}").mkdir()
+        (tmp_path / "runs" / f"abl-s{seed}" / "results.jsonl").write_text(json.dumps({**res, "i2t_R@1": value}) + "\n")
     out = StringIO()
-    eval.compare([str(run), str(other)], file=out)
-    table = out.getvalue().splitlines()
-    assert "tiny" in table[0] and "other" in table[0]
-    assert table[1].split() == ["i2t_R@1", f"{res['i2t_R@1']:.2f}", "42.00"]
+    eval.compare([str(run), *(str(tmp_path / "runs" / n) for n in ("abl-s1", "abl-s2", "missing-s0"))], file=out)
+    header, rule, first, second = [[c.strip() for c in line.strip("|").split("|")] for line in out.getvalue().splitlines()]
+    assert header[:5] == ["run", "seeds", "i2t", "t2i", "best branch i2t"] and len(first) == len(header)
+    assert first[:3] == [run.name, "1", f"{res['i2t_R@1']:.1f}"]
+    assert second[:3] == ["abl", "2", f"42.0 ± {statistics.stdev([40.0, 44.0]):.1f}"]
     monkeypatch.setattr(sys, "argv", ["eval.py", "--help"])
     with pytest.raises(SystemExit) as stop:
         eval.main()

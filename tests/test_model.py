@@ -261,9 +261,9 @@ def test_base_matches_open_clip_vit_b_16():
 # FLOPs against torch's counter on a real forward
 
 
-@pytest.mark.parametrize("design,K", [("cls", 1), ("cls", 3), ("mlp", 3)])
-def test_flops_match_torch_flop_counter(design, K):
-    model = micro(branches=K, branch_type=design, dtype=torch.float32)
+@pytest.mark.parametrize("design,K,stem", [("cls", 1, False), ("cls", 3, False), ("mlp", 3, False), ("cls", 3, True)])
+def test_flops_match_torch_flop_counter(design, K, stem):
+    model = micro(branches=K, branch_type=design, conv_stem=stem, dtype=torch.float32)
     counter = FlopCounterMode(display=False)
     # the math backend spells attention out as matmuls, which the counter sees on every build
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
