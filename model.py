@@ -167,8 +167,9 @@ def stem_widths(D, patch_size):
 def conv_stem(D, patch_size):
     """Xiao et al. 2021, "Early convolutions help transformers see better": log2(patch_size) stride-2 3x3
     convolutions (widths D/4, D/2, D for patch 8), then a 1x1 to D, in place of one patchify conv. Same
-    patch grid, (B, 3, H, W) -> (B, D, H/p, W/p). A ViT trained from scratch on few images learns shapes
-    much sooner with it (caption.py uses it; no preset does). GELU, no norm layer: nothing to sync in DDP."""
+    patch grid, (B, 3, H, W) -> (B, D, H/p, W/p). A ViT trained from scratch on a few thousand images
+    learns shapes sooner with it (caption.py uses it; no preset does). GELU, no norm layer: nothing to
+    sync across DDP ranks."""
     widths, layers = stem_widths(D, patch_size), []
     for c_in, c_out in zip(widths, widths[1:]):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]

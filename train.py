@@ -41,7 +41,8 @@ from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--train-data", default=None,
                help="training jsonl/csv/tsv; default: the synthetic world in data/shapes")
-p.add_argument("--val-data", default=None, help="validation jsonl/csv/tsv (default: val.jsonl beside the train data)")
+p.add_argument("--val-data", default=None,
+               help="validation jsonl/csv/tsv (default: val.jsonl beside the train data, if any; none: no evaluation)")
 p.add_argument("--csv-separator", default=None, help="separator of a .csv/.tsv file (default: by extension)")
 p.add_argument("--captions", type=int, default=None, help="expected M per record (default: that of the first record)")
 p.add_argument("--caption-count", choices=["error", "pad", "drop"], default="error",
@@ -149,7 +150,10 @@ else:
     try:  # bad input stops here with FILE:LINE and the reason (or is skipped and counted with --skip-bad)
         train_records = read_records(train_path, **read)
         M = len(train_records[0]["caption"])
-        val_records = read_records(val_path, **{**read, "captions": M}) if os.path.exists(val_path) else None
+        if args.val_data and args.val_data != "none" and not os.path.exists(val_path):
+            raise DataError(f"{val_path}: --val-data not found (give --val-data none to train without one)")
+        val_records = (read_records(val_path, **{**read, "captions": M})
+                       if args.val_data != "none" and os.path.exists(val_path) else None)
     except DataError as e:
         sys.exit(f"error: {e}")
     # the tokenizer: from the checkpoint when resuming, else beside the data, else trained on the captions
