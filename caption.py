@@ -500,7 +500,7 @@ def main(argv=None):
     t.add_argument("--prompts", default=default_prompts, help="the prompts to learn, comma-separated")
     t.add_argument("--model", default="tiny", choices=list(model.PRESETS), help="vision tower preset (model.py)")
     t.add_argument("--conv-stem", action=argparse.BooleanOptionalAction, default=True,
-                   help="convolutional stem in the vision tower (model.conv_stem): shapes are learned far sooner")
+                   help="convolutional stem in the vision tower (model.conv_stem): shapes are learned sooner")
     t.add_argument("--width", type=int, default=128, help="decoder width D")
     t.add_argument("--layers", type=int, default=2, help="decoder blocks")
     t.add_argument("--heads", type=int, default=4, help="decoder attention heads")

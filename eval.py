@@ -438,7 +438,8 @@ def compare(runs, file=sys.stdout):
                                  for k in keys]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), file=file)
     for name, rs in groups.items():
-        print(f"| {name} | {len(rs)} | " + " | ".join(cell([r.get(k) for r in rs], 3 if k == "inter_branch_cos" else 1) for k in keys) + " |", file=file)
+        cells = [cell([r.get(k) for r in rs], 3 if k == "inter_branch_cos" else 1) for k in keys]  # cosine vs %
+        print(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |", file=file)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -458,7 +459,8 @@ def main():
     user.add_argument("--zeroshot-jsonl", help='user zero-shot set: records {"image": path, "label": name or index}')
     p.add_argument("--classnames", help="one class name per line (folder: names the sorted sub-folders)")
     p.add_argument("--templates", help='one prompt template per line, with "{}" (default: "a photo of a {}.")')
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="a markdown table of these runs' latest results (seeds of a run averaged)")
+    p.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="a markdown table of these runs' latest results (seeds of a run averaged)")
     args = p.parse_args()
     if args.compare:
         return compare(args.compare)

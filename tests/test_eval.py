@@ -270,7 +270,8 @@ def test_cli(world, tmp_path, monkeypatch, capsys):
         (tmp_path / "runs" / f"abl-s{seed}" / "results.jsonl").write_text(json.dumps({**res, "i2t_R@1": value}) + "\n")
     out = StringIO()
     eval.compare([str(run), *(str(tmp_path / "runs" / n) for n in ("abl-s1", "abl-s2", "missing-s0"))], file=out)
-    header, rule, first, second = [[c.strip() for c in line.strip("|").split("|")] for line in out.getvalue().splitlines()]
+    lines = out.getvalue().splitlines()
+    header, rule, first, second = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert header[:5] == ["run", "seeds", "i2t", "t2i", "best branch i2t"] and len(first) == len(header)
     assert first[:3] == [run.name, "1", f"{res['i2t_R@1']:.1f}"]
     assert second[:3] == ["abl", "2", f"42.0 ± {statistics.stdev([40.0, 44.0]):.1f}"]

@@ -141,7 +141,8 @@ def test_bad_record_stops_with_file_and_line(tmp_path):
 
 
 def test_missing_val_data_is_an_error_and_none_means_no_evaluation(world, tmp_path):
-    r = train(world, tmp_path / "runs", "--name", "typo", "--max-steps", "1", "--val-data", "no/such.jsonl", check=False)
+    r = train(world, tmp_path / "runs", "--name", "typo", "--max-steps", "1", "--val-data", "no/such.jsonl",
+              check=False)
     assert r.returncode == 1 and "no/such.jsonl: --val-data not found" in r.stderr, r.stderr[-2000:]
     train(world, tmp_path / "runs", "--name", "none", "--max-steps", "1", "--val-data", "none")
     assert (tmp_path / "runs" / "none" / "ckpt.pt").exists()
