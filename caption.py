@@ -204,10 +204,7 @@ def train(args):
     slots, prompts = args.slots.split(","), args.prompts.split(",")
     for p in prompts:
         assert p in PROMPTS and p in slots, f"prompt {p!r} must be in PROMPTS and in --slots {slots}"
-    # the dataset's own tokenizer when it has one (the synthetic world writes tokenizer.json)
-    tok_path = os.path.join(os.path.dirname(os.path.abspath(args.data)), "tokenizer.json")
-    tok = (data.Tokenizer.load(tok_path) if os.path.exists(tok_path) else
-           data.Tokenizer.train([c for r in records for c in r["caption"]], args.vocab_size))
+    tok = data.Tokenizer.beside(args.data, records, args.vocab_size)  # the world writes its tokenizer.json
     vision = {**model.PRESETS[args.model], "branches": 1, "vocab_size": tok.vocab_size, "conv_stem": args.conv_stem}
     config = CaptionerConfig(vision, prompts, tok.vocab_size, args.context_length, args.width, args.layers,
                              args.heads)

@@ -759,6 +759,13 @@ class Tokenizer:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
+    @classmethod
+    def beside(cls, data_path, records, vocab_size=1024):
+        """The tokenizer.json beside a dataset file (the data's own), else a new one trained on its captions."""
+        path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "tokenizer.json")
+        return (cls.load(path) if os.path.exists(path)
+                else cls.train([c for r in records for c in r["caption"]], vocab_size))
+
 
 # -----------------------------------------------------------------------------
 # Images and loaders
@@ -853,10 +860,7 @@ def check(args):
             print(rec, file=sys.stderr)
     print(f"{args.check}: {len(records)} good records, {bad} bad")
     if records:
-        tok_path = os.path.join(os.path.dirname(os.path.abspath(args.check)), "tokenizer.json")
-        tok = (Tokenizer.load(tok_path) if os.path.exists(tok_path)  # the data's own tokenizer, else a fresh one
-               else Tokenizer.train([c for r in records for c in r["caption"]], 1024))
-        print_lengths(records, tok)
+        print_lengths(records, Tokenizer.beside(args.check, records))
     return 1 if bad else 0
 
 
