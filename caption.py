@@ -219,14 +219,16 @@ def train(args):
     rest = [p for p in net.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0}],
                             lr=args.lr, betas=(0.9, 0.98))
+    # the schedule's length: --max-steps, else the clock alone when --max-minutes is given, else 3,000 steps
+    max_steps = args.max_steps or (math.inf if args.max_minutes else 3000)
     print(f"captioner: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(records)} images, "
-          f"prompts {prompts} at slots {columns}, B = {args.batch_size}, at most {args.max_steps} steps"
+          f"prompts {prompts} at slots {columns}, B = {args.batch_size}, at most {max_steps} steps"
           + (f" or {args.max_minutes} minutes" if args.max_minutes else ""))
-    warmup = min(100, args.max_steps // 10)
+    warmup = min(100, max_steps // 10)
     # progress in [0, 1]: the step fraction, or the time fraction when --max-minutes ends the run first,
     # so a run cut by the clock still ends with its learning rate annealed
     step, epoch, progress, start = 0, 0, 0.0, time.time()
-    bar = tqdm(total=args.max_steps, disable=None)
+    bar = tqdm(total=max_steps if max_steps < math.inf else None, disable=None)
     while progress < 1:
         for images, tokens in data.make_loader(dataset, args.batch_size, train=True, seed=args.seed, epoch=epoch):
             # linear warm-up, then cosine to zero
@@ -246,7 +248,7 @@ def train(args):
             opt.step()
             step += 1
             minutes = (time.time() - start) / 60
-            progress = max(step / args.max_steps, minutes / args.max_minutes if args.max_minutes else 0)
+            progress = max(step / max_steps, minutes / args.max_minutes if args.max_minutes else 0)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch, min=f"{minutes:.1f}")
             if step % 100 == 0:  # a log line also when the bar is off (not a TTY)
@@ -497,13 +499,14 @@ def main(argv=None):
     t.add_argument("--prompts", default=default_prompts, help="the prompts to learn, comma-separated")
     t.add_argument("--model", default="tiny", choices=list(model.PRESETS), help="vision tower preset (model.py)")
     t.add_argument("--conv-stem", action=argparse.BooleanOptionalAction, default=True,
-                   help="convolutional stem in the vision tower (model.conv_stem): shapes are learned sooner")
+                   help="VGG-style conv stem in the vision tower (model.conv_stem): shapes are learned sooner")
     t.add_argument("--width", type=int, default=128, help="decoder width D")
     t.add_argument("--layers", type=int, default=2, help="decoder blocks")
     t.add_argument("--heads", type=int, default=4, help="decoder attention heads")
     t.add_argument("--context-length", type=int, default=77, help="prompt token + text tokens + EOT")
     t.add_argument("--vocab-size", type=int, default=1024, help="BPE size when --data has no tokenizer.json")
-    t.add_argument("--max-steps", type=int, default=3000, help="optimizer steps (the schedule's length)")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="optimizer steps (the schedule's length); default 3000, or no step limit with --max-minutes")
     t.add_argument("--max-minutes", type=float, default=None, help="also stop after this wall time")
     t.add_argument("--batch-size", type=int, default=16, help="images per step (each with all prompts)")
     t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the tiny ViT stalls at 1e-3)")
