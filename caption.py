@@ -509,7 +509,7 @@ def main(argv=None):
                    help="optimizer steps (the schedule's length); default 3000, or no step limit with --max-minutes")
     t.add_argument("--max-minutes", type=float, default=None, help="also stop after this wall time")
     t.add_argument("--batch-size", type=int, default=16, help="images per step (each with all prompts)")
-    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the tiny ViT stalls at 1e-3)")
+    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (1e-3 learns shapes slower)")
     t.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay on >= 2-D weights")
     t.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")

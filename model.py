@@ -170,7 +170,9 @@ def conv_stem(D, patch_size):
     resolution, BatchNorm, ReLU and a 2x2 max-pool (widths D/4, D/2, D for patch 8), then a 1x1 to D.
     Same patch grid, (B, 3, H, W) -> (B, D, H/p, W/p). A ViT trained from scratch on a few thousand images
     learns shapes much sooner with it (caption.py uses it; no preset does). Stride-2 convolutions without
-    the max-pool and the norm learned shapes about as slowly as the patchify conv (README, caption.py)."""
+    the max-pool and the norm learned shapes about as slowly as the patchify conv (README, caption.py).
+    BatchNorm uses each process's own batch (under DDP the running statistics of rank 0 are broadcast);
+    inference needs .eval()."""
     widths, layers = stem_widths(D, patch_size), []
     for c_in, c_out in zip(widths, widths[1:]):
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
