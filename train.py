@@ -150,12 +150,14 @@ else:
     try:  # bad input stops here with FILE:LINE and the reason (or is skipped and counted with --skip-bad)
         train_records = read_records(train_path, **read)
         M = len(train_records[0]["caption"])
-        if args.val_data == "none" or (args.val_data is None and not os.path.exists(val_path)):
-            val_records = None  # none asked for, or no val.jsonl beside the train data
-        elif not os.path.exists(val_path):
-            raise DataError(f"{val_path}: --val-data not found (give --val-data none to train without one)")
-        else:
+        if args.val_data == "none":
+            val_records = None
+        elif os.path.exists(val_path):
             val_records = read_records(val_path, **{**read, "captions": M})
+        elif args.val_data is None:
+            val_records = None  # no val.jsonl beside the train data
+        else:
+            raise DataError(f"{val_path}: --val-data not found (give --val-data none to train without one)")
     except DataError as e:
         sys.exit(f"error: {e}")
     # the tokenizer: from the checkpoint when resuming, else beside the data, else trained on the captions
