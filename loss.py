@@ -169,10 +169,10 @@ def compiled(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def row_tiles(group, banks, rows_per_tile):
-    """Yield (g, idx): idx (r,) = the ids of one row tile of queries, all of bank g."""
+def row_tiles(group, counts, rows_per_tile):
+    """Yield (g, idx): idx (r,) = the ids of one row tile of queries, all of bank g. counts: a list, the
+    queries of each bank, known on the host (reading them off the GPU would stall it)."""
     order = torch.argsort(group, stable=True)  # (n,) queries sorted bank by bank
-    counts = torch.bincount(group, minlength=banks).tolist()  # queries per bank (one host sync)
     start = 0
     for g, count in enumerate(counts):
         for r0 in range(start, start + count, rows_per_tile):
@@ -182,17 +182,17 @@ def row_tiles(group, banks, rows_per_tile):
 
 class RowCrossEntropy(torch.autograd.Function):
     """ce[i] = logsumexp_j x[i, j] - x[i, target[i]], x[i, j] = scale * <rows[src[i]], banks[group[i], j]>,
-    computed tile by tile. rows (R, E), banks (G, C, E), scale 0-dim, src/group/target (n,) long
-    -> ce (n,) in fp32 (fp64 for fp64 inputs)."""
+    computed tile by tile. rows (R, E), banks (G, C, E), scale 0-dim, src/group/target (n,) long,
+    counts (G,) list of ints = queries per bank -> ce (n,) in fp32 (fp64 for fp64 inputs)."""
 
     @staticmethod
-    def forward(ctx, rows, banks, scale, src, group, target, tiles, fns):
+    def forward(ctx, rows, banks, scale, src, group, counts, target, tiles, fns):
         acc = torch.promote_types(rows.dtype, torch.float32)
         s = scale.detach().to(acc)
         lse = torch.empty(len(src), dtype=acc, device=rows.device)  # (n,)
         own = torch.empty(len(src), dtype=acc, device=rows.device)  # (n,) the target logits
         with torch.autocast(rows.device.type, enabled=False):  # fp32 tiles even inside a bf16 autocast
-            for g, idx in row_tiles(group, banks.shape[0], tiles[0]):
+            for g, idx in row_tiles(group, counts, tiles[0]):
                 r = rows[src[idx]]  # (r, E) one row tile of queries
                 run_max = torch.full((len(idx),), -torch.inf, dtype=acc, device=rows.device)
                 run_sum = torch.zeros(len(idx), dtype=acc, device=rows.device)
@@ -201,7 +201,7 @@ class RowCrossEntropy(torch.autograd.Function):
                 lse[idx] = run_max + run_sum.log()
                 own[idx] = s * (r.to(acc) * banks[g, target[idx]].to(acc)).sum(-1)  # (r,)
         ctx.save_for_backward(rows, banks, scale, src, group, target, lse)
-        ctx.tiles, ctx.fns = tiles, fns
+        ctx.counts, ctx.tiles, ctx.fns = counts, tiles, fns
         return lse - own
 
     @staticmethod
@@ -213,7 +213,7 @@ class RowCrossEntropy(torch.autograd.Function):
         d_banks = torch.zeros_like(banks, dtype=acc)  # (G, C, E), laid out like banks
         d_scale = torch.zeros((), dtype=acc, device=rows.device)
         with torch.autocast(rows.device.type, enabled=False):
-            for g, idx in row_tiles(group, banks.shape[0], tiles[0]):
+            for g, idx in row_tiles(group, ctx.counts, tiles[0]):
                 r, lse_r, grad_r, d_r = rows[src[idx]], lse[idx], grad_ce[idx], 0  # (r, E), (r,), (r,)
                 for c0 in range(0, banks.shape[1], tiles[1]):
                     c1 = c0 + tiles[1]
@@ -221,7 +221,7 @@ class RowCrossEntropy(torch.autograd.Function):
                     d_r, d_scale = d_r + dr, d_scale + ds
                     d_banks[g, c0:c1] += dc  # (c, E)
                 d_rows.index_add_(0, src[idx], d_r)  # several queries may share a row (free matching)
-        return (d_rows.to(rows.dtype), d_banks.to(banks.dtype), d_scale.to(scale.dtype)) + (None,) * 5
+        return (d_rows.to(rows.dtype), d_banks.to(banks.dtype), d_scale.to(scale.dtype)) + (None,) * 6
 
 
 def fused_m2m_loss(img, txt, all_img, all_txt, scale, branch, labels, tiles, compile):
@@ -233,12 +233,17 @@ def fused_m2m_loss(img, txt, all_img, all_txt, scale, branch, labels, tiles, com
     b = torch.arange(B, device=img.device)[:, None]  # (B, 1)
     slot = torch.arange(M, device=img.device).expand(B, M)  # (B, M)
     target = labels[:, None].expand(B, M).reshape(-1)  # (B*M,) query (b, m)'s own pair: column rank*B + b
+    # queries per bank, on the host: B per slot for image -> text; B per branch for text -> image when
+    # every slot is paired (K == M), else data-dependent (free matching), the loss's only read of the GPU
+    per_slot = [B] * M
+    per_branch = per_slot if K == M else torch.bincount(branch.reshape(-1), minlength=K).tolist()
     # image -> text: query (b, m) is row b*K + k*(b, m) of img (B*K, E); its bank is slot m of every text
     ce_i2t = RowCrossEntropy.apply(img.reshape(B * K, E), all_txt.transpose(0, 1), scale,  # banks (M, W*B, E)
-                                   (b * K + branch).reshape(-1), slot.reshape(-1), target, tiles, fns)
+                                   (b * K + branch).reshape(-1), slot.reshape(-1), per_slot, target, tiles, fns)
     # text -> image: query (b, m) is row b*M + m of txt (B*M, E); its bank is branch k*(b, m) of every image
     ce_t2i = RowCrossEntropy.apply(txt.reshape(B * M, E), all_img.transpose(0, 1), scale,  # banks (K, W*B, E)
-                                   torch.arange(B * M, device=img.device), branch.reshape(-1), target, tiles, fns)
+                                   torch.arange(B * M, device=img.device), branch.reshape(-1), per_branch, target,
+                                   tiles, fns)
     return (ce_i2t.mean() + ce_t2i.mean()) / 2  # (B*M,) rows each; the mean over slots, rows, directions
 
 

@@ -87,18 +87,31 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def qkv(self, x):
-        """(..., L, D) -> q, k, v, each (..., H, L, D/H)."""
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (..., L, 3D)
-        qkv = qkv.unflatten(-1, (3, self.heads, -1))                # (..., L, 3, H, D/H)
-        return qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)       # 3 x (..., H, L, D/H)
+    def project(self, x, rows):
+        """(..., L, D) through a slice of rows of in_proj (q: 0, k: 1, v: 2) -> each (..., H, L, D/H)."""
+        D = x.shape[-1]
+        y = F.linear(x, self.in_proj_weight[rows.start * D:rows.stop * D],
+                     self.in_proj_bias[rows.start * D:rows.stop * D])          # (..., L, n D)
+        y = y.unflatten(-1, (rows.stop - rows.start, self.heads, -1))          # (..., L, n, H, D/H)
+        return y.movedim(-3, 0).transpose(-3, -2).unbind(0)                    # n x (..., H, L, D/H)
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        """(..., L, D) -> (..., L, D). attn_mask: bool (L, L), True = may attend."""
+    def qkv(self, x):
+        """(..., L, D) -> q, k, v, each (..., H, L, D/H), from one matmul."""
+        return self.project(x, slice(0, 3))
+
+    def forward(self, x, attn_mask=None, is_causal=False, context=None):
+        """(..., R, D) -> (..., R, D). Queries come from x; keys and values from context (..., L, D),
+        default x itself. attn_mask: bool (R, L), or (B', 1, R, L) with B' = all leading dims flattened;
+        True = may attend."""
         shape = x.shape
-        q, k, v = self.qkv(x.reshape(-1, *shape[-2:]))  # (B', H, L, D/H), B' = all leading dims
+        x = x.reshape(-1, *shape[-2:])  # (B', R, D), B' = all leading dims
+        if context is None:
+            q, k, v = self.qkv(x)       # (B', H, R, D/H) each
+        else:
+            (q,), (k, v) = self.project(x, slice(0, 1)), self.project(context.reshape(-1, *context.shape[-2:]),
+                                                                        slice(1, 3))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.out_proj(o.transpose(1, 2).reshape(shape))  # heads concatenated, (..., L, D)
+        return self.out_proj(o.transpose(1, 2).reshape(shape))  # heads concatenated, (..., R, D)
 
 
 class MLP(nn.Module):
@@ -124,8 +137,14 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, branches)
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+    def forward(self, x, attn_mask=None, is_causal=False, rows=None):
+        """rows: a function picking the rows to compute, (..., L, D) -> (..., R, D) (the last block: the rows
+        read afterwards); their attention still reads all L rows. attn_mask is then that of the R rows."""
+        if rows is None:
+            x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+        else:
+            h = self.ln_1(x)
+            x = rows(x) + self.attn(rows(h), attn_mask, context=h)
         h = self.mlp.gelu(self.mlp.c_fc(self.ln_2(x)))  # (..., L, 4D)
         if isinstance(self.mlp.c_proj, nn.Linear):
             return x + self.mlp.c_proj(h)
@@ -148,10 +167,13 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, branches if i >= layers - branch_layers else 1)
             for i in range(layers))
 
-    def forward(self, x, attn_mask=None, is_causal=False):
-        for block in self.resblocks:
+    def forward(self, x, attn_mask=None, is_causal=False, rows=None, rows_mask=None):
+        """rows, rows_mask: the last block computes only rows(x), under rows_mask (see the block). Exact: the
+        other rows of the last block feed nothing, and skipping them saves 1/layers of the work."""
+        *body, last = self.resblocks
+        for block in body:
             x = block(x, attn_mask, is_causal)
-        return x
+        return last(x, attn_mask, is_causal) if rows is None else last(x, rows_mask, rows=rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,9 +235,20 @@ class VisionTransformer(nn.Module):
         mask = isolation_mask(K, N) if cls_design and c.isolate_cls and K > 1 else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
+    def patchify(self, images):
+        """(B, 3, H, W) -> (B, N, D), patches row by row. The patchify conv is computed as what it is, one
+        matmul over the flattened p x p patches: the same sums, and on an H100 about 10x faster than
+        cuDNN's strided convolution (README, Benchmarks). A conv stem runs as convolutions."""
+        if not isinstance(self.conv1, nn.Conv2d):
+            return self.conv1(images).flatten(2).transpose(1, 2)
+        p = self.conv1.stride[0]
+        x = images.unflatten(2, (-1, p)).unflatten(4, (-1, p))   # (B, 3, H/p, p, W/p, p)
+        x = x.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)  # (B, N, 3 p p), ordered like conv1.weight
+        return F.linear(x, self.conv1.weight.flatten(1))          # (B, N, D)
+
     def embed(self, images):
         """(B, 3, H, W) -> (B, C+N, D): patchify, prepend the C class tokens, add positions, ln_pre."""
-        x = self.conv1(images).flatten(2).transpose(1, 2)            # (B, N, D), patches row by row
+        x = self.patchify(images)                                    # (B, N, D)
         cls = self.class_embedding.to(x.dtype).expand(len(x), -1, -1)  # (B, C, D)
         x = torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype)  # (B, C+N, D)
         return self.ln_pre(x)
@@ -228,6 +261,15 @@ class VisionTransformer(nn.Module):
         C = len(self.class_embedding)
         # S * C = K in both designs: CLS has one stream of K class tokens, MLP K streams of one
         return torch.cat([x[:, :, :C].flatten(1, 2), x[:, :, C:].mean(1)], 1)  # (B, K+N, D)
+
+    def forward(self, images):
+        """(B, 3, H, W) -> (B, K, D): forward_tokens(images)[:, :K], the K class tokens after ln_post, with
+        the last block computing only the class-token rows (training reads nothing else)."""
+        C = len(self.class_embedding)
+        mask = None if self.attn_mask is None else self.attn_mask[:C]  # (C, C+N)
+        x = self.transformer(self.embed(images).unsqueeze(1), self.attn_mask,
+                             rows=lambda t: t[..., :C, :], rows_mask=mask)  # (B, S, C, D)
+        return self.ln_post(x.flatten(1, 2))  # (B, K, D): S * C = K in both designs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,8 +326,7 @@ class HolisticCLIP(nn.Module):
 
     def encode_image(self, images, reduce=None):
         """(B, 3, H, W) -> unit (B, K, E); reduce="mean" -> unit (B, E), the renormalised branch mean."""
-        K = self.config.branches
-        x = self.visual.forward_tokens(images)[:, :K] @ self.visual.proj  # (B, K, E), shared proj
+        x = self.visual(images) @ self.visual.proj  # (B, K, E), shared proj
         x = F.normalize(x, dim=-1)
         if reduce == "mean":
             return F.normalize(x.mean(1), dim=-1)  # (B, E)
@@ -298,8 +339,12 @@ class HolisticCLIP(nn.Module):
         assert T <= self.config.context_length, f"{T} tokens > context_length {self.config.context_length}"
         tokens = tokens.reshape(-1, T)                                          # (B*M, T)
         x = self.token_embedding(tokens) + self.positional_embedding[:T]        # (B*M, T, D)
-        x = self.ln_final(self.transformer(x, is_causal=True))                  # causal: sees only the past
-        x = x[torch.arange(len(x), device=x.device), tokens.argmax(-1)]         # (B*M, D) at EOT
+        eot = tokens.argmax(-1)                                                 # (B*M,)
+        # causal: every position sees only the past. The last block computes only the EOT row, which
+        # sees positions <= EOT (the mask, per text)
+        at_eot = lambda t: t[torch.arange(len(t), device=t.device), eot, None]  # (B*M, 1, D)
+        sees = (torch.arange(T, device=tokens.device) <= eot[:, None])[:, None, None]  # (B*M, 1, 1, T)
+        x = self.ln_final(self.transformer(x, is_causal=True, rows=at_eot, rows_mask=sees))[:, 0]  # (B*M, D)
         x = F.normalize(x @ self.text_projection, dim=-1)                       # (B*M, E)
         return x.reshape(*shape[:-1], -1)                                       # (..., E)
 
@@ -337,19 +382,24 @@ class HolisticCLIP(nn.Module):
 # cost
 
 
-def flops_per_sample(config: ModelConfig, M=1):
+def flops_per_sample(config: ModelConfig, M=1, executed=False):
     """Forward FLOPs (2 per multiply-add) per image, per text, and image + M texts; training ~ 3x.
 
     Counts what torch.utils.flop_counter counts, the convention of open_clip's model_profile.csv
     (ViT-B-16: 35.13 image, 5.96 text GFLOP): matmuls (q/k/v/out projections, q k^T and attn @ v over
     all L^2 pairs, even under a causal mask, MLP), conv1 and the final projections, taken at the
-    class tokens / EOT only. LayerNorm, softmax, GELU and adds are left out (under 1%)."""
+    class tokens / EOT only. LayerNorm, softmax, GELU and adds are left out (under 1%).
+    executed=True counts what this implementation runs in training instead: its last block of each tower
+    computes only the rows read afterwards (the class tokens, each text's EOT row), about 1/layers less.
+    MFU uses the convention, so that it compares with open_clip's."""
     c = config
 
-    def block(L, D, streams=1, c_proj_copies=1):
-        # q,k,v,out: 4 L D^2; c_fc: 4 L D^2; c_proj: 4 L D^2 per copy; q k^T and attn @ v: 2 L^2 D
-        attn_fc = 8 * L * D * D + 2 * L * L * D
-        return 2 * (streams * attn_fc + c_proj_copies * 4 * L * D * D)
+    def block(L, D, streams=1, c_proj_copies=1, R=None):
+        # R of the L rows computed (default all): q, out, c_fc: 6 R D^2; k, v: 2 L D^2; q k^T and attn @ v:
+        # 2 R L D; c_proj: 4 R D^2 per copy
+        R = L if R is None else R
+        attn_fc = (6 * R + 2 * L) * D * D + 2 * R * L * D
+        return 2 * (streams * attn_fc + c_proj_copies * 4 * R * D * D)
 
     K, D, N = c.branches, c.vision_width, (c.image_size // c.patch_size) ** 2
     image = 2 * K * D * c.embed_dim  # proj of the K class tokens
@@ -360,15 +410,17 @@ def flops_per_sample(config: ModelConfig, M=1):
             image += 2 * (c.image_size >> i) ** 2 * 9 * c_in * c_out
     else:  # conv1: one D-vector per patch from 3 p^2 pixels
         image += 2 * N * D * 3 * c.patch_size ** 2
+    # (streams, c_proj copies) of each block; C class tokens per stream
     if c.branch_type == "cls":
-        image += c.vision_layers * block(K + N, D)
+        C, layers = K, [(1, 1)] * c.vision_layers
     else:  # shared blocks, the fork block (one stream in, K copies of c_proj), then K streams
-        L = c.mlp_branch_layers if K > 1 else 0
-        image += (c.vision_layers - L) * block(1 + N, D)
-        if L:
-            image += block(1 + N, D, 1, K) + (L - 1) * block(1 + N, D, K, K)
+        fork = c.mlp_branch_layers if K > 1 else 0
+        C, layers = 1, [(1, 1)] * (c.vision_layers - fork) + [(1, K)] * (fork > 0) + [(K, K)] * max(fork - 1, 0)
+    L = C + N
+    image += sum(block(L, D, *sc) for sc in layers[:-1]) + block(L, D, *layers[-1], R=C if executed else L)
     T, W = c.context_length, c.text_width
-    text = c.text_layers * block(T, W) + 2 * W * c.embed_dim  # text_projection at EOT only
+    text = (c.text_layers - 1) * block(T, W) + block(T, W, R=1 if executed else T)
+    text += 2 * W * c.embed_dim  # text_projection at EOT only
     return dict(image=float(image), text=float(text), total=float(image + M * text))
 
 

@@ -281,6 +281,18 @@ def synthetic_batches():
         yield images, tokens
 
 
+def to_host(x):
+    """Start copying x to the host without waiting for the GPU: (host copy, CUDA event to wait on, or None
+    on the CPU, where the copy is already done)."""
+    if x.device.type != "cuda":
+        return x, None
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    arrived = torch.cuda.Event()
+    arrived.record()
+    return host, arrived
+
+
 def validate():
     """Retrieval on the val split (rank 0), then a barrier so the other ranks wait."""
     metrics = {}
@@ -294,6 +306,7 @@ def validate():
 
 
 stopped, last_saved = None, (step if ckpt is not None else None)  # the step ckpt.pt holds
+pending = []  # (step, flags on the host, CUDA event): health checks still on their way (to_host)
 bar = tqdm(total=max_steps, initial=step, disable=None if master else True, dynamic_ncols=True)
 metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
 t_log = time.time()
@@ -320,17 +333,31 @@ while step < max_steps and stopped is None:
             loss = loss * float("nan")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # every rank must agree on stopping, or the next step's collectives hang: one tiny all-reduce
-        # carries (non-finite loss anywhere, stop requested: signal or --stop-at-step)
-        flags = torch.tensor([float(not torch.isfinite(loss).item()),
-                              float(bool(stop_signal) or step + 1 == args.stop_at_step)])
+        # health check: every rank must agree on stopping, or the next step's collectives hang, so one tiny
+        # all-reduce carries (non-finite loss on any rank, a signal on any rank). Reading it at once would
+        # make the CPU wait for the GPU every step; it is read one step later instead (to_host), and at
+        # once on the steps that log, save, evaluate or end, so no checkpoint ever follows a bad update
+        flags = torch.stack([~torch.isfinite(loss.detach()), torch.full((), bool(stop_signal), device=device)])
         if ddp:
+            flags = flags.float()  # NCCL and gloo reduce numbers, not booleans
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0] > 0:  # stop before the bad update: ckpt.pt keeps the last good state
-            stopped = f"non-finite loss ({loss.item()}) at step {step + 1}"
-            break
-        if flags[1] > 0:
-            stopped = "signal" if stop_signal else f"--stop-at-step {step + 1}"
+        n = step + 1  # this step's number once done
+        pending.append((n, *to_host(flags)))
+        due = (n % args.log_every == 0 or n % args.save_every == 0 or n == max_steps or n == args.stop_at_step
+               or (args.eval_every and n % args.eval_every == 0))
+        while pending and (due or pending[0][0] <= step):  # this step's flags only when due
+            checked, host, arrived = pending.pop(0)
+            if arrived is not None:
+                arrived.synchronize()  # waits for that step's flags only, not for the work queued since
+            if host[0]:
+                stopped = f"non-finite loss at step {checked}"
+                break
+            if host[1]:
+                stopped = "signal"
+        if stopped and stopped.startswith("non-finite"):
+            break  # before this step's update (the bad one itself when due): ckpt.pt keeps the last good state
+        if n == args.stop_at_step and not stopped:
+            stopped = f"--stop-at-step {n}"
         if args.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip_norm)
         optimizer.step()
@@ -351,9 +378,14 @@ while step < max_steps and stopped is None:
             mfu = f"{100 * flops * ips / (peak * 1e12):.0f}%" if peak else "-"
             row = {"step": step, "epoch": epoch, "loss": parts[0].item(), "contrastive": parts[1].item(),
                    "diversity": parts[2].item(), "lr": lr, "scale": scale.item(), "ms": 1000 * dt, "img_s": ips}
+            mem = ""
+            if device.type == "cuda":  # the peak so far, this rank
+                row["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                mem = f" | {row['mem_gib']:.1f} GiB"
             if master:
                 bar.write(f"step {step:>6}/{max_steps} | loss {row['loss']:.4f} (div {row['diversity']:.3f}) | lr "
-                          f"{lr:.2e} | scale {row['scale']:5.1f} | {1000 * dt:6.0f} ms | {ips:8,.0f} img/s | mfu {mfu}")
+                          f"{lr:.2e} | scale {row['scale']:5.1f} | {1000 * dt:6.1f} ms | {ips:8,.0f} img/s | mfu {mfu}"
+                          f"{mem}")
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
         if args.eval_every and step % args.eval_every == 0 and step < max_steps:

@@ -130,7 +130,8 @@ def test_gradcheck_row_cross_entropy():
     src = torch.tensor([0, 1, 1, 2, 3, 4, 4])  # 7 queries on 5 rows: shared rows, as in free matching
     group = torch.tensor([2, 0, 2, 1, 2, 0, 2])  # each query's bank
     target = torch.tensor([0, 5, 3, 1, 4, 2, 5])  # each query's target column
-    fn = lambda r, b, s: RowCrossEntropy.apply(r, b, s, src, group, target, (2, 4), (lse_tile, grad_tile))
+    fn = lambda r, b, s: RowCrossEntropy.apply(r, b, s, src, group, [2, 1, 4], target, (2, 4),
+                                                  (lse_tile, grad_tile))
     assert torch.autograd.gradcheck(fn, (rows, banks, scale))
 
 

@@ -65,6 +65,33 @@ def test_shapes_and_unit_norm(design, K, M):
     assert torch.allclose(att.sum(-1), torch.ones((), dtype=att.dtype))
 
 
+# the training paths skip the last block's unread rows: they must equal the full towers
+
+
+@pytest.mark.parametrize("design,K,fork,isolate", [("cls", 1, 2, True), ("cls", 3, 2, True), ("cls", 3, 2, False),
+                                                  ("mlp", 3, 2, True), ("mlp", 3, 1, True), ("mlp", 1, 2, True)])
+def test_encode_image_equals_the_full_tower(design, K, fork, isolate):
+    model = micro(branches=K, branch_type=design, mlp_branch_layers=fork, isolate_cls=isolate)
+    x = images(3)
+    full = torch.nn.functional.normalize(model.visual.forward_tokens(x)[:, :K] @ model.visual.proj, dim=-1)
+    assert (model.encode_image(x) - full).abs().max() < 1e-12
+
+
+def test_encode_text_equals_the_full_tower():
+    model = micro()
+    t = torch.cat([texts(1, eot_at=p, seed=p) for p in (0, 3, 7, 11)])  # EOT first, inside, last
+    h = model.ln_final(model.transformer(model.token_embedding(t) + model.positional_embedding, is_causal=True))
+    full = torch.nn.functional.normalize(h[torch.arange(4), t.argmax(-1)] @ model.text_projection, dim=-1)
+    assert (model.encode_text(t) - full).abs().max() < 1e-12
+
+
+def test_patchify_is_the_conv():
+    model = micro()
+    x = images(2)
+    conv = model.visual.conv1(x).flatten(2).transpose(1, 2)  # nn.Conv2d itself, (B, N, D)
+    assert (model.visual.patchify(x) - conv).abs().max() < 1e-12
+
+
 def test_encode_text_any_leading_shape():
     model, t = micro(), texts(2, 3)
     assert torch.allclose(model.encode_text(t)[1, 2], model.encode_text(t[1, 2]))  # (B, M, T) vs (T,)
@@ -263,13 +290,25 @@ def test_base_matches_open_clip_vit_b_16():
 
 @pytest.mark.parametrize("design,K,stem", [("cls", 1, False), ("cls", 3, False), ("mlp", 3, False), ("cls", 3, True)])
 def test_flops_match_torch_flop_counter(design, K, stem):
+    """The convention counts the full towers (forward_tokens, every position of the text); training runs
+    encode_image / encode_text, whose last blocks compute only the rows read afterwards."""
     model = micro(branches=K, branch_type=design, conv_stem=stem, dtype=torch.float32)
-    counter = FlopCounterMode(display=False)
-    # the math backend spells attention out as matmuls, which the counter sees on every build
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model.encode_image(images(1, dtype=torch.float32))
-    image = counter.get_total_flops()
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model.encode_text(texts(1))
-    f = flops_per_sample(model.config)
-    assert (f["image"], f["text"]) == (image, counter.get_total_flops())
+    x, t = images(1, dtype=torch.float32), texts(1)
+
+    def count(fn):
+        counter = FlopCounterMode(display=False)
+        # the math backend spells attention out as matmuls, which the counter sees on every build
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            fn()
+        return counter.get_total_flops()
+
+    def full_text():  # every position through every block, then EOT
+        h = model.transformer(model.token_embedding(t) + model.positional_embedding, is_causal=True)
+        return model.ln_final(h)[0, t.argmax()] @ model.text_projection
+
+    nominal, executed = flops_per_sample(model.config), flops_per_sample(model.config, executed=True)
+    assert nominal["image"] == count(lambda: model.visual.forward_tokens(x)[:, :K] @ model.visual.proj)
+    assert nominal["text"] == count(full_text)
+    assert (executed["image"], executed["text"]) == (count(lambda: model.encode_image(x)),
+                                                     count(lambda: model.encode_text(t)))
+    assert executed["image"] < nominal["image"] and executed["text"] < nominal["text"]
