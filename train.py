@@ -345,7 +345,8 @@ while step < max_steps and stopped is None:
         pending.append((n, *to_host(flags)))
         due = (n % args.log_every == 0 or n % args.save_every == 0 or n == max_steps or n == args.stop_at_step
                or (args.eval_every and n % args.eval_every == 0))
-        while pending and (due or pending[0][0] <= step):  # this step's flags only when due
+        # earlier steps' flags always; this step's too when due, or once a stop is decided (it saves)
+        while pending and (due or stopped or pending[0][0] <= step):
             checked, host, arrived = pending.pop(0)
             if arrived is not None:
                 arrived.synchronize()  # waits for that step's flags only, not for the work queued since
