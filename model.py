@@ -108,8 +108,8 @@ class Attention(nn.Module):
         if context is None:
             q, k, v = self.qkv(x)       # (B', H, R, D/H) each
         else:
-            (q,), (k, v) = self.project(x, slice(0, 1)), self.project(context.reshape(-1, *context.shape[-2:]),
-                                                                        slice(1, 3))
+            (q,) = self.project(x, slice(0, 1))                                          # (B', H, R, D/H)
+            k, v = self.project(context.reshape(-1, *context.shape[-2:]), slice(1, 3))  # (B', H, L, D/H) each
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.out_proj(o.transpose(1, 2).reshape(shape))  # heads concatenated, (..., R, D)
 
