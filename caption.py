@@ -205,7 +205,8 @@ def train(args):
     for p in prompts:
         assert p in PROMPTS and p in slots, f"prompt {p!r} must be in PROMPTS and in --slots {slots}"
     tok = data.Tokenizer.beside(args.data, records, args.vocab_size)  # the world writes its tokenizer.json
-    vision = {**model.PRESETS[args.model], "branches": 1, "vocab_size": tok.vocab_size, "conv_stem": args.conv_stem}
+    vision = {**model.PRESETS[args.model], "vision_layers": args.vision_layers, "branches": 1,
+              "vocab_size": tok.vocab_size, "conv_stem": args.conv_stem}
     config = CaptionerConfig(vision, prompts, tok.vocab_size, args.context_length, args.width, args.layers,
                              args.heads)
     net = Captioner(config).to(args.device)
@@ -218,7 +219,7 @@ def train(args):
     decay = [p for p in net.parameters() if p.dim() >= 2]
     rest = [p for p in net.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0}],
-                            lr=args.lr, betas=(0.9, 0.98))
+                            lr=args.lr, betas=(0.9, 0.98), fused=True)  # fused: one kernel, also on the CPU
     # the schedule's length: --max-steps, else the clock alone when --max-minutes is given, else 3,000 steps
     max_steps = args.max_steps or (math.inf if args.max_minutes else 3000)
     print(f"captioner: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(records)} images, "
@@ -500,6 +501,8 @@ def main(argv=None):
     t.add_argument("--model", default="tiny", choices=list(model.PRESETS), help="vision tower preset (model.py)")
     t.add_argument("--conv-stem", action=argparse.BooleanOptionalAction, default=True,
                    help="VGG-style conv stem in the vision tower (model.conv_stem): shapes are learned sooner")
+    t.add_argument("--vision-layers", type=int, default=2,
+                   help="ViT blocks of the tower, in place of the preset's (tiny: 4; 2 learn shapes sooner here)")
     t.add_argument("--width", type=int, default=128, help="decoder width D")
     t.add_argument("--layers", type=int, default=2, help="decoder blocks")
     t.add_argument("--heads", type=int, default=4, help="decoder attention heads")
