@@ -205,8 +205,10 @@ def train(args):
     for p in prompts:
         assert p in PROMPTS and p in slots, f"prompt {p!r} must be in PROMPTS and in --slots {slots}"
     tok = data.Tokenizer.beside(args.data, records, args.vocab_size)  # the world writes its tokenizer.json
-    vision = {**model.PRESETS[args.model], "vision_layers": args.vision_layers, "branches": 1,
-              "vocab_size": tok.vocab_size, "conv_stem": args.conv_stem}
+    preset = model.PRESETS[args.model]
+    vision = {**preset, "vision_layers": args.vision_layers, "branches": 1, "vocab_size": tok.vocab_size,
+              "conv_stem": args.conv_stem,  # K = 1: the MLP design's branch layers are unused, but must fit
+              "mlp_branch_layers": min(preset["mlp_branch_layers"], args.vision_layers)}
     config = CaptionerConfig(vision, prompts, tok.vocab_size, args.context_length, args.width, args.layers,
                              args.heads)
     net = Captioner(config).to(args.device)
