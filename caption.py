@@ -503,8 +503,8 @@ def main(argv=None):
     t.add_argument("--model", default="tiny", choices=list(model.PRESETS), help="vision tower preset (model.py)")
     t.add_argument("--conv-stem", action=argparse.BooleanOptionalAction, default=True,
                    help="VGG-style conv stem in the vision tower (model.conv_stem): shapes are learned sooner")
-    t.add_argument("--vision-layers", type=int, default=2,
-                   help="ViT blocks of the tower, in place of the preset's (tiny: 4; 2 learn shapes sooner here)")
+    t.add_argument("--vision-layers", type=int, default=1,
+                   help="ViT blocks of the tower, in place of the preset's (tiny: 4; 1 learns shapes soonest here)")
     t.add_argument("--width", type=int, default=128, help="decoder width D")
     t.add_argument("--layers", type=int, default=2, help="decoder blocks")
     t.add_argument("--heads", type=int, default=4, help="decoder attention heads")
@@ -514,7 +514,7 @@ def main(argv=None):
                    help="optimizer steps (the schedule's length); default 3000, or no step limit with --max-minutes")
     t.add_argument("--max-minutes", type=float, default=None, help="also stop after this wall time")
     t.add_argument("--batch-size", type=int, default=16, help="images per step (each with all prompts)")
-    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (1e-3 learns shapes slower)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     t.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay on >= 2-D weights")
     t.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")

@@ -1,6 +1,6 @@
 """caption.py's training step on the CPU: what the stem's layer order, its memory layout and the optimizer
 cost, side by side in one run (README, caption.py). The captioner is `caption.py train`'s default (tiny
-tower with the conv stem and 2 ViT blocks, decoder width 128, 2 blocks, the five prompts), on random images
+tower with the conv stem and 1 ViT block, decoder width 128, 2 blocks, the five prompts), on random images
 and the first --batch-size records' texts of --data.
 
     python bench/caption_step.py --data data/shapes5k/train.jsonl --threads 2
@@ -39,8 +39,8 @@ class NCHWStem(nn.Sequential):
 
 def make_step(row, args, records, tok):
     torch.manual_seed(0)
-    vision = {**model.PRESETS["tiny"], "vision_layers": 2, "branches": 1, "vocab_size": tok.vocab_size,
-              "conv_stem": True}
+    vision = {**model.PRESETS["tiny"], "vision_layers": 1, "mlp_branch_layers": 1, "branches": 1,
+              "vocab_size": tok.vocab_size, "conv_stem": True}
     prompts = list(caption.SLOT_PROMPTS.values())
     net = caption.Captioner(caption.CaptionerConfig(vision, prompts, tok.vocab_size))
     if row in ("before", "pool-first"):

@@ -92,6 +92,25 @@ def test_patchify_is_the_conv():
     assert (model.visual.patchify(x) - conv).abs().max() < 1e-12
 
 
+def test_conv_stem_against_float64_stages():
+    """The conv stem as trained (float32, channels-last input, oneDNN) against its stages written out in float64
+    on plain NCHW tensors: per stage a 3x3 conv, a 2x2 max-pool, BatchNorm over the batch, ReLU; then the 1x1.
+    The norm's scales are random and some negative, so pooling after the norm instead would not match."""
+    model = micro(conv_stem=True, dtype=torch.float32)
+    stem = list(model.visual.conv1)  # [conv, pool, norm, relu] x log2(patch), then the 1x1
+    with torch.no_grad():
+        for norm in stem[2:-1:4]:
+            norm.weight.normal_(), norm.bias.normal_()
+    x = images(4, dtype=torch.float32)
+    ref = x.double()
+    for conv, norm in zip(stem[0:-1:4], stem[2:-1:4]):
+        ref = nn.functional.max_pool2d(nn.functional.conv2d(ref, conv.weight.double(), padding=1), 2)
+        ref = nn.functional.batch_norm(ref, None, None, norm.weight.double(), norm.bias.double(), True, 0.0, norm.eps)
+        ref = ref.relu()
+    ref = nn.functional.conv2d(ref, stem[-1].weight.double(), stem[-1].bias.double())  # (B, D, H/p, W/p)
+    assert (model.visual.patchify(x).double() - ref.flatten(2).transpose(1, 2)).abs().max() < 1e-4
+
+
 def test_encode_text_any_leading_shape():
     model, t = micro(), texts(2, 3)
     assert torch.allclose(model.encode_text(t)[1, 2], model.encode_text(t[1, 2]))  # (B, M, T) vs (T,)
