@@ -55,8 +55,8 @@ def toy(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setitem(model.PRESETS, "micro", MICRO)
             caption.main(["train", "--data", str(root / f"{name}.jsonl"), "--out", str(root / name), "--model",
-                          "micro", "--vision-layers", "1", "--width", "64", "--layers", "1", "--heads", "2", "--max-steps", "150",
-                          "--batch-size", "8", "--lr", "3e-3"])
+                          "micro", "--vision-layers", "1", "--width", "64", "--layers", "1", "--heads", "2",
+                          "--max-steps", "150", "--batch-size", "8", "--lr", "3e-3"])
     return root
 
 
