@@ -198,6 +198,26 @@ def load_captioner(path, device):
 # train: (image, prompt, text) triples from the records' slots
 
 
+def vision_config(preset_name, vision_layers, vocab_size, conv_stem=True):
+    """The captioner's image encoder: a preset's tower (K = 1) with vision_layers ViT blocks. K = 1: the MLP
+    design's branch layers are unused, but must fit within the blocks."""
+    preset = model.PRESETS[preset_name]
+    return {**preset, "vision_layers": vision_layers, "branches": 1, "vocab_size": vocab_size,
+            "conv_stem": conv_stem, "mlp_branch_layers": min(preset["mlp_branch_layers"], vision_layers)}
+
+
+def prompts_loss(net, images, tokens, columns):
+    """The teacher-forced loss of one batch, the mean over the prompts: images (B, 3, H, W), tokens (B, M, T),
+    prompt j's texts at caption slot columns[j]. The image is encoded once for all prompts."""
+    memory = net.encode(images)  # the image's keys and values
+    loss = 0
+    for j, column in enumerate(columns):
+        t = tokens[:, column]                # (B, T), this prompt's texts
+        t = t[:, :(t != PAD).sum(1).max()]   # drop the all-PAD tail
+        loss = loss + net(memory, torch.full_like(t[:, 0], j), t) / len(columns)
+    return loss
+
+
 def train(args):
     torch.manual_seed(args.seed)
     records = data.read_records(args.data)
@@ -205,10 +225,7 @@ def train(args):
     for p in prompts:
         assert p in PROMPTS and p in slots, f"prompt {p!r} must be in PROMPTS and in --slots {slots}"
     tok = data.Tokenizer.beside(args.data, records, args.vocab_size)  # the world writes its tokenizer.json
-    preset = model.PRESETS[args.model]
-    vision = {**preset, "vision_layers": args.vision_layers, "branches": 1, "vocab_size": tok.vocab_size,
-              "conv_stem": args.conv_stem,  # K = 1: the MLP design's branch layers are unused, but must fit
-              "mlp_branch_layers": min(preset["mlp_branch_layers"], args.vision_layers)}
+    vision = vision_config(args.model, args.vision_layers, tok.vocab_size, args.conv_stem)
     config = CaptionerConfig(vision, prompts, tok.vocab_size, args.context_length, args.width, args.layers,
                              args.heads)
     net = Captioner(config).to(args.device)
@@ -239,12 +256,7 @@ def train(args):
             for group in opt.param_groups:
                 group["lr"] = lr
             images, tokens = images.to(args.device), tokens.to(args.device)  # (B, 3, H, W), (B, M, T)
-            memory = net.encode(images)  # the image's keys and values, once for all prompts
-            loss = 0
-            for j, column in enumerate(columns):
-                t = tokens[:, column]                               # (B, T), this prompt's texts
-                t = t[:, :(t != PAD).sum(1).max()]                  # drop the all-PAD tail
-                loss = loss + net(memory, torch.full_like(t[:, 0], j), t) / len(columns)
+            loss = prompts_loss(net, images, tokens, columns)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

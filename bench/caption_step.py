@@ -25,7 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import caption  # noqa: E402
 import data  # noqa: E402
-import model  # noqa: E402
 
 ROWS = ["before", "pool-first", "channels", "fused"]
 
@@ -39,8 +38,7 @@ class NCHWStem(nn.Sequential):
 
 def make_step(row, args, records, tok):
     torch.manual_seed(0)
-    vision = {**model.PRESETS["tiny"], "vision_layers": 1, "mlp_branch_layers": 1, "branches": 1,
-              "vocab_size": tok.vocab_size, "conv_stem": True}
+    vision = caption.vision_config("tiny", 1, tok.vocab_size)
     prompts = list(caption.SLOT_PROMPTS.values())
     net = caption.Captioner(caption.CaptionerConfig(vision, prompts, tok.vocab_size))
     if row in ("before", "pool-first"):
@@ -51,14 +49,11 @@ def make_step(row, args, records, tok):
         net.visual.conv1 = NCHWStem(*stem)
     opt = torch.optim.AdamW(net.parameters(), lr=5e-4, **({"fused": True} if row == "fused" else {}))
     images = torch.randn(args.batch_size, 3, 64, 64)
-    tokens = data.ImageTextDataset(records, tok, 64, train=False).tokens[:, 1:]  # (B, 5, T): the five prompts
+    tokens = data.ImageTextDataset(records, tok, 64, train=False).tokens  # (B, M, T)
+    columns = list(caption.SLOT_PROMPTS)  # the caption slot of each prompt
 
     def step():
-        memory = net.encode(images)
-        loss = 0
-        for j in range(len(prompts)):
-            t = tokens[:, j, :(tokens[:, j] != caption.PAD).sum(1).max()]
-            loss = loss + net(memory, torch.full_like(t[:, 0], j), t) / len(prompts)
+        loss = caption.prompts_loss(net, images, tokens, columns)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
