@@ -73,7 +73,7 @@ class CaptionerConfig:
     vocab_size: int           # V, from the tokenizer
     context_length: int = 77  # prompt token + text + EOT; the paper caps captions at 77 tokens
     width: int = 128          # decoder D
-    layers: int = 2
+    layers: int = 1
     heads: int = 4
 
 
@@ -199,11 +199,10 @@ def load_captioner(path, device):
 
 
 def vision_config(preset_name, vision_layers, vocab_size, conv_stem=True):
-    """The captioner's image encoder: a preset's tower (K = 1) with vision_layers ViT blocks. K = 1: the MLP
-    design's branch layers are unused, but must fit within the blocks."""
-    preset = model.PRESETS[preset_name]
-    return {**preset, "vision_layers": vision_layers, "branches": 1, "vocab_size": vocab_size,
-            "conv_stem": conv_stem, "mlp_branch_layers": min(preset["mlp_branch_layers"], vision_layers)}
+    """The captioner's image encoder: a preset's tower (K = 1) with vision_layers ViT blocks; with 0 the
+    decoder cross-attends to the conv stem's tokens (plus positions, layer-normed) directly."""
+    return {**model.PRESETS[preset_name], "vision_layers": vision_layers, "branches": 1, "vocab_size": vocab_size,
+            "conv_stem": conv_stem}
 
 
 def prompts_loss(net, images, tokens, columns):
@@ -251,8 +250,11 @@ def train(args):
     bar = tqdm(total=max_steps if max_steps < math.inf else None, disable=None)
     while progress < 1:
         for images, tokens in data.make_loader(dataset, args.batch_size, train=True, seed=args.seed, epoch=epoch):
-            # linear warm-up, then cosine to zero
-            lr = args.lr * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * progress)))
+            # linear warm-up, then constant and a linear cool-down to zero over the last --cooldown of the
+            # run (const-cooldown), or cosine to zero
+            anneal = ((1 - progress) / args.cooldown if args.lr_scheduler == "const-cooldown" else
+                     0.5 * (1 + math.cos(math.pi * progress)))
+            lr = args.lr * min((step + 1) / warmup, 1, anneal)
             for group in opt.param_groups:
                 group["lr"] = lr
             images, tokens = images.to(args.device), tokens.to(args.device)  # (B, 3, H, W), (B, M, T)
@@ -515,10 +517,10 @@ def main(argv=None):
     t.add_argument("--model", default="tiny", choices=list(model.PRESETS), help="vision tower preset (model.py)")
     t.add_argument("--conv-stem", action=argparse.BooleanOptionalAction, default=True,
                    help="VGG-style conv stem in the vision tower (model.conv_stem): shapes are learned sooner")
-    t.add_argument("--vision-layers", type=int, default=1,
-                   help="ViT blocks of the tower, in place of the preset's (tiny: 4; 1 learns shapes soonest here)")
+    t.add_argument("--vision-layers", type=int, default=0,
+                   help="ViT blocks of the tower, in place of the preset's (tiny: 4); 0: the conv stem's tokens alone")
     t.add_argument("--width", type=int, default=128, help="decoder width D")
-    t.add_argument("--layers", type=int, default=2, help="decoder blocks")
+    t.add_argument("--layers", type=int, default=1, help="decoder blocks")
     t.add_argument("--heads", type=int, default=4, help="decoder attention heads")
     t.add_argument("--context-length", type=int, default=77, help="prompt token + text tokens + EOT")
     t.add_argument("--vocab-size", type=int, default=1024, help="BPE size when --data has no tokenizer.json")
@@ -527,6 +529,9 @@ def main(argv=None):
     t.add_argument("--max-minutes", type=float, default=None, help="also stop after this wall time")
     t.add_argument("--batch-size", type=int, default=16, help="images per step (each with all prompts)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    t.add_argument("--lr-scheduler", default="const-cooldown", choices=["const-cooldown", "cosine"],
+                   help="after the warm-up: constant, then linear to 0 over the last --cooldown; or cosine to 0")
+    t.add_argument("--cooldown", type=float, default=0.3, help="const-cooldown: fraction of the run spent cooling")
     t.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay on >= 2-D weights")
     t.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")

@@ -36,7 +36,7 @@ class ModelConfig:
     patch_size: int            # conv1 stride; N = (image_size / patch_size)^2 patches
     conv_stem: bool = False    # conv1 = a small VGG-style conv stem instead of one patchify conv (conv_stem)
     vision_width: int          # D of the image tower
-    vision_layers: int
+    vision_layers: int         # ViT blocks; 0 = the patch tokens as conv1 makes them (caption.py)
     vision_heads: int
     branches: int = 1          # K image embeddings per image; K = 1 is plain CLIP
     branch_type: str = "cls"   # "cls": K class tokens | "mlp": K copies of the last L blocks' c_proj
@@ -56,7 +56,8 @@ class ModelConfig:
         assert not self.conv_stem or self.patch_size & (self.patch_size - 1) == 0, "conv_stem: patch_size 2^n"
         assert self.vision_width % self.vision_heads == 0, "vision_width must divide into vision_heads"
         assert self.text_width % self.text_heads == 0, "text_width must divide into text_heads"
-        assert 1 <= self.mlp_branch_layers <= self.vision_layers, "need 1 <= mlp_branch_layers <= vision_layers"
+        assert self.branches == 1 or 1 <= self.mlp_branch_layers <= self.vision_layers, \
+            "K > 1 needs 1 <= mlp_branch_layers <= vision_layers"
 
 
 # ModelConfig kwargs without branches/vocab_size: ModelConfig(**{**PRESETS["tiny"], "branches": 4,
@@ -170,6 +171,8 @@ class Transformer(nn.Module):
     def forward(self, x, attn_mask=None, is_causal=False, rows=None, rows_mask=None):
         """rows, rows_mask: the last block computes only rows(x), under rows_mask (see the block). Exact: the
         other rows of the last block feed nothing, and skipping them saves 1/layers of the work."""
+        if not self.resblocks:  # no blocks (caption.py's tower: the conv stem's tokens as they are)
+            return x if rows is None else rows(x)
         *body, last = self.resblocks
         for block in body:
             x = block(x, attn_mask, is_causal)
@@ -191,7 +194,7 @@ def conv_stem(D, patch_size):
     convolutions help transformers see better"): log2(patch_size) stages of 3x3 convolution at full
     resolution, a 2x2 max-pool, BatchNorm and ReLU (widths D/4, D/2, D for patch 8), then a 1x1 to D.
     Pooling before the norm runs BatchNorm and ReLU on a quarter of the pixels; with the input in channels-last
-    (patchify) caption.py's CPU training step is 1.2x faster than conv-norm-ReLU-pool (bench/caption_step.py).
+    (patchify) caption.py's CPU training step is 1.2-1.4x faster than conv-norm-ReLU-pool (bench/caption_step.py).
     Same patch grid, (B, 3, H, W) -> (B, D, H/p, W/p). A ViT trained from scratch on a few thousand images
     learns shapes much sooner with it (caption.py uses it; no preset does). Stride-2 convolutions without
     the max-pool and the norm learned shapes about as slowly as the patchify conv (README, caption.py).
@@ -309,8 +312,8 @@ class HolisticCLIP(nn.Module):
         nn.init.normal_(v.proj, std=D ** -0.5)
         for tower, width, layers in ((v.transformer, D, c.vision_layers),
                                      (self.transformer, c.text_width, c.text_layers)):
-            proj_std = width ** -0.5 * (2 * layers) ** -0.5  # residual branches shrink with depth
             for block in tower.resblocks:
+                proj_std = width ** -0.5 * (2 * layers) ** -0.5  # residual branches shrink with depth
                 nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
                 nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
                 nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)

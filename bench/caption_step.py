@@ -1,7 +1,7 @@
 """caption.py's training step on the CPU: what the stem's layer order, its memory layout and the optimizer
 cost, side by side in one run (README, caption.py). The captioner is `caption.py train`'s default (tiny
-tower with the conv stem and 1 ViT block, decoder width 128, 2 blocks, the five prompts), on random images
-and the first --batch-size records' texts of --data.
+tower: the conv stem and no ViT block; decoder width 128, 1 block; the five prompts), or as --vision-layers and
+--layers say, on random images and the first --batch-size records' texts of --data.
 
     python bench/caption_step.py --data data/shapes5k/train.jsonl --threads 2
 
@@ -38,9 +38,9 @@ class NCHWStem(nn.Sequential):
 
 def make_step(row, args, records, tok):
     torch.manual_seed(0)
-    vision = caption.vision_config("tiny", 1, tok.vocab_size)
+    vision = caption.vision_config("tiny", args.vision_layers, tok.vocab_size)
     prompts = list(caption.SLOT_PROMPTS.values())
-    net = caption.Captioner(caption.CaptionerConfig(vision, prompts, tok.vocab_size))
+    net = caption.Captioner(caption.CaptionerConfig(vision, prompts, tok.vocab_size, layers=args.layers))
     if row in ("before", "pool-first"):
         stem = list(net.visual.conv1)  # per stage [conv, pool, norm, relu], then the 1x1
         if row == "before":  # per stage [conv, norm, relu, pool]
@@ -66,6 +66,8 @@ def main():
     p.add_argument("--data", required=True, help="a world's jsonl (texts for the decoder)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vision-layers", type=int, default=0, help="ViT blocks of the captioner's tower")
+    p.add_argument("--layers", type=int, default=1, help="decoder blocks")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per row")
     args = p.parse_args()
@@ -84,7 +86,8 @@ def main():
                 steps[row]()
             times[row].append((time.perf_counter() - start) / args.steps * 1000)
     base = statistics.median(times["before"])
-    print(f"B = {args.batch_size}, {args.threads} threads, torch {torch.__version__}")
+    print(f"B = {args.batch_size}, {args.vision_layers} ViT + {args.layers} decoder blocks, {args.threads} threads, "
+          f"torch {torch.__version__}")
     print(f"{'row':<12}{'ms/step':>9}{'x before':>10}")
     for row in ROWS:
         ms = statistics.median(times[row])

@@ -48,6 +48,7 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     data.make_world(str(root), train_size=24, val_size=8, image_size=32, seed=1, vocab_size=300)
     records = [json.loads(line) for line in open(root / "train.jsonl")]
+    vision_layers = {"cap": "0", "cap2": "1"}  # the default tower (the conv stem alone) and one ViT block
     for name, texts in (("cap", FIXED), ("cap2", {**FIXED, "detail": DETAIL2})):
         with open(root / f"{name}.jsonl", "w") as f:
             for r in records:
@@ -55,7 +56,7 @@ def toy(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setitem(model.PRESETS, "micro", MICRO)
             caption.main(["train", "--data", str(root / f"{name}.jsonl"), "--out", str(root / name), "--model",
-                          "micro", "--vision-layers", "1", "--width", "64", "--layers", "1", "--heads", "2",
+                          "micro", "--vision-layers", vision_layers[name], "--width", "64", "--heads", "2",
                           "--max-steps", "150", "--batch-size", "8", "--lr", "3e-3"])
     return root
 

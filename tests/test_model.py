@@ -111,6 +111,19 @@ def test_conv_stem_against_float64_stages():
     assert (model.visual.patchify(x).double() - ref.flatten(2).transpose(1, 2)).abs().max() < 1e-4
 
 
+def test_tower_without_blocks():
+    """vision_layers = 0 (caption.py's tower): the tokens are conv1's patches after the class token, positions,
+    ln_pre and ln_post, written out here; forward gives the class token's row of the same."""
+    model = micro(vision_layers=0, mlp_branch_layers=0)
+    v, x = model.visual, images()
+    patches = nn.functional.conv2d(x, v.conv1.weight, stride=MICRO["patch_size"]).flatten(2).transpose(1, 2)
+    tokens = torch.cat([v.class_embedding.expand(len(x), -1, -1), patches], 1) + v.positional_embedding
+    ref = v.ln_post(v.ln_pre(tokens))  # (B, 1+N, D)
+    assert torch.allclose(v.forward_tokens(x), ref) and torch.allclose(v(x), ref[:, :1])
+    with pytest.raises(AssertionError, match="K > 1 needs"):
+        micro(vision_layers=0, mlp_branch_layers=0, branches=2)
+
+
 def test_encode_text_any_leading_shape():
     model, t = micro(), texts(2, 3)
     assert torch.allclose(model.encode_text(t)[1, 2], model.encode_text(t[1, 2]))  # (B, M, T) vs (T,)
