@@ -217,6 +217,14 @@ def prompts_loss(net, images, tokens, columns):
     return loss
 
 
+def learning_rate(args, step, warmup, progress):
+    """A linear warm-up over `warmup` steps, then by progress (the run's fraction done, 0..1): const-cooldown
+    stays at args.lr and falls linearly to zero over the last args.cooldown; cosine falls from the start."""
+    anneal = ((1 - progress) / args.cooldown if args.lr_scheduler == "const-cooldown" else
+              0.5 * (1 + math.cos(math.pi * progress)))
+    return args.lr * min((step + 1) / warmup, 1, anneal)
+
+
 def train(args):
     torch.manual_seed(args.seed)
     records = data.read_records(args.data)
@@ -250,11 +258,7 @@ def train(args):
     bar = tqdm(total=max_steps if max_steps < math.inf else None, disable=None)
     while progress < 1:
         for images, tokens in data.make_loader(dataset, args.batch_size, train=True, seed=args.seed, epoch=epoch):
-            # linear warm-up, then constant and a linear cool-down to zero over the last --cooldown of the
-            # run (const-cooldown), or cosine to zero
-            anneal = ((1 - progress) / args.cooldown if args.lr_scheduler == "const-cooldown" else
-                     0.5 * (1 + math.cos(math.pi * progress)))
-            lr = args.lr * min((step + 1) / warmup, 1, anneal)
+            lr = learning_rate(args, step, warmup, progress)
             for group in opt.param_groups:
                 group["lr"] = lr
             images, tokens = images.to(args.device), tokens.to(args.device)  # (B, 3, H, W), (B, M, T)

@@ -137,6 +137,20 @@ def test_output_passes_data_check(toy, tmp_path):
     assert "8 good records, 0 bad" in run.stdout
 
 
+def test_learning_rate_schedules():
+    """Known points: the warm-up ramp, const-cooldown's plateau up to 70 % and its linear fall (half the peak at
+    85 %, zero at the end), cosine's half at mid-run."""
+    const = SimpleNamespace(lr=1e-3, lr_scheduler="const-cooldown", cooldown=0.3)
+    cosine = SimpleNamespace(lr=1e-3, lr_scheduler="cosine", cooldown=0.3)
+    assert caption.learning_rate(const, 4, 10, 0.0) == pytest.approx(5e-4)      # step 5 of a 10-step warm-up
+    for progress in (0.01, 0.3, 0.7):
+        assert caption.learning_rate(const, 500, 10, progress) == pytest.approx(1e-3)
+    assert caption.learning_rate(const, 500, 10, 0.85) == pytest.approx(5e-4)
+    assert caption.learning_rate(const, 500, 10, 1.0) == pytest.approx(0, abs=1e-12)
+    assert caption.learning_rate(cosine, 500, 10, 0.5) == pytest.approx(5e-4)
+    assert caption.learning_rate(cosine, 500, 10, 0.3) < 1e-3
+
+
 # ----------------------------------------------------------------------------------------------------
 # cleaning
 
