@@ -200,7 +200,8 @@ def load_captioner(path, device):
 
 def vision_config(preset_name, vision_layers, vocab_size, conv_stem=True):
     """The captioner's image encoder: a preset's tower (K = 1) with vision_layers ViT blocks; with 0 the
-    decoder cross-attends to the conv stem's tokens (plus positions, layer-normed) directly."""
+    decoder cross-attends to the conv stem's tokens (plus positions, layer-normed) directly, and the class
+    token, which then sees no patch, is one constant token beside them."""
     return {**model.PRESETS[preset_name], "vision_layers": vision_layers, "branches": 1, "vocab_size": vocab_size,
             "conv_stem": conv_stem}
 
@@ -229,6 +230,7 @@ def train(args):
     torch.manual_seed(args.seed)
     records = data.read_records(args.data)
     slots, prompts = args.slots.split(","), args.prompts.split(",")
+    assert 0 < args.cooldown <= 1, f"--cooldown is a fraction of the run in (0, 1], got {args.cooldown}"
     for p in prompts:
         assert p in PROMPTS and p in slots, f"prompt {p!r} must be in PROMPTS and in --slots {slots}"
     tok = data.Tokenizer.beside(args.data, records, args.vocab_size)  # the world writes its tokenizer.json
