@@ -422,7 +422,8 @@ def flops_per_sample(config: ModelConfig, M=1, executed=False):
         fork = c.mlp_branch_layers if K > 1 else 0
         C, layers = 1, [(1, 1)] * (c.vision_layers - fork) + [(1, K)] * (fork > 0) + [(K, K)] * max(fork - 1, 0)
     L = C + N
-    image += sum(block(L, D, *sc) for sc in layers[:-1]) + block(L, D, *layers[-1], R=C if executed else L)
+    computed = [L] * (len(layers) - 1) + [C if executed else L]  # rows computed by each block (none: no term)
+    image += sum(block(L, D, *sc, R=R) for sc, R in zip(layers, computed))
     T, W = c.context_length, c.text_width
     text = (c.text_layers - 1) * block(T, W) + block(T, W, R=1 if executed else T)
     text += 2 * W * c.embed_dim  # text_projection at EOT only
