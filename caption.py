@@ -1,30 +1,31 @@
-"""The captioning stage: M texts per image from a small prompt-conditioned captioner (paper.md section 1).
+r"""The captioning stage: M texts per image from a small prompt-conditioned captioner (paper.md section 1).
 
-The paper re-captions every image with large vision-language models and makes the texts diverse with
-two gadgets: one captioner asked several prompts (gadget 1), several captioners asked one prompt,
-"describe in detail" (gadget 2). No such model can be downloaded here, so this file trains a small one:
-model.py's vision tower turns the image into tokens, a small causal transformer decoder with
-cross-attention to those tokens writes the text, and a learned prompt token (in SOT's place) says which
-perspective to write. It learns each perspective from examples, e.g. the synthetic world's ground truth.
+The paper re-captions every image with large vision-language models, several prompts to one (gadget 1) or
+"describe in detail" to several (gadget 2). None can be downloaded here, so this file trains a small one on
+examples (e.g. the world's ground truth): model.py's vision tower turns the image into tokens, a small causal
+decoder cross-attending to them writes the text, a learned prompt token in SOT's place picks the perspective.
 
-    python data.py --out data/shapes5k --train-size 5000 --val-size 500
+    python prepare/world.py --out data/shapes5k --train-size 5000 --val-size 500
     python caption.py train --data data/shapes5k/train.jsonl --out runs/cap --max-minutes 10
     python caption.py generate --ckpt runs/cap/captioner.pt --data data/shapes5k/val.jsonl \
         --prompts detail,nouns,background,main,style --out runs/cap/g1.jsonl            # gadget 1
     python caption.py generate --ckpt runs/cap/captioner.pt --ckpt runs/cap2/captioner.pt \
         --data data/shapes5k/val.jsonl --prompts detail --out runs/cap/g2.jsonl          # gadget 2
     torchrun --nproc_per_node=4 caption.py generate ...       # rank r writes OUT.part{r}, rank 0 merges
-    python caption.py score --data runs/cap/g1.jsonl --truth data/shapes5k/val.jsonl [--ckpt runs/x/ckpt.pt]
-    python caption.py score --data runs/cap/g2.jsonl --truth data/shapes5k/val.jsonl --slots alt,detail,detail
+    python -m pytest -q tests/test_caption.py
+
+How right and how diverse the written texts are: python bench/caption_score.py (results/captioner.md).
+Reading order: the prompts, the captioner (DecoderBlock, Captioner), train, cleaning, generate, main.
 
 Output records: {"image", "caption": [slot 0 = the input's first caption (its alt-text), then one text per
-captioner and prompt], the input's other keys (scene, labels)}, image paths relative to the output file.
-Cleaning: whitespace is collapsed; an empty text, a repetition loop or a repeat of an earlier text of the
-same image is sampled again (temperature 1) up to RETRIES times, then replaced by the image's first caption.
+captioner and prompt], the input's other keys}, image paths relative to the output file. Cleaning: an empty,
+looping or repeated text is sampled again (temperature 1) up to RETRIES times, then replaced by slot 0.
 Resuming: images already in OUT are skipped; one line is appended and flushed per image. torchrun (only
 RANK and WORLD_SIZE are read, no process group): rank r captions records r::W into OUT.part{r}, rank 0
 waits for all parts and writes OUT in input order; after a crash, rerun the same command.
-Letters: B images per batch, N patches, D width, T tokens, V vocabulary, M texts per image, W world size.
+
+Letters: B images per batch, S image side, N patches per image, K image branches (1 here), D width, H heads,
+L a sequence's length (1+N image tokens, or t text positions), T tokens, V vocabulary, M texts per image, W world size.
 """
 import argparse
 import json
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 import data
 import model
+from prepare.world import SLOTS
 
 # ----------------------------------------------------------------------------------------------------
 # prompts: the official prompt set (paper.md section 1) and which caption slot holds which perspective
@@ -59,19 +61,19 @@ PROMPTS = {
 }
 # The synthetic world's slots: 0 is the alt-text (a record's original caption, not a prompt's answer),
 # 1..5 the official merged order {1: "detail", 2: "nouns", 3: "background", 4: "main", 5: "style"}.
-SLOT_PROMPTS = {m: name for m, name in enumerate(data.SLOTS) if name in PROMPTS}
+SLOT_PROMPTS = {m: name for m, name in enumerate(SLOTS) if name in PROMPTS}
 PAD = 0  # data.Tokenizer: PAD = 0, SOT = V - 2, EOT = V - 1
+RETRIES = 3  # generate: sampled retries (temperature 1) of an unacceptable text before the fallback
 
 # ----------------------------------------------------------------------------------------------------
 # the captioner: image tokens -> prompt-conditioned text
-
 
 @dataclass
 class CaptionerConfig:
     vision: dict              # model.ModelConfig kwargs of the image encoder (K = 1)
     prompts: list             # prompt names (keys of PROMPTS), one learned prompt token each
     vocab_size: int           # V, from the tokenizer
-    context_length: int = 77  # prompt token + text + EOT; the paper caps captions at 77 tokens
+    context_length: int = 77  # prompt token + text + EOT; 77 tokens at most, as in paper.md section 1
     width: int = 128          # decoder D
     layers: int = 1
     heads: int = 4
@@ -143,9 +145,9 @@ class Captioner(nn.Module):
                     nn.init.zeros_(linear.bias)
 
     def encode(self, images):
-        """(B, 3, H, W) -> memory: every block's cross-attention keys and values of the image tokens
+        """(B, 3, S, S) -> memory: every block's cross-attention keys and values of the image tokens
         (the vision tower's 1+N tokens after ln_post), computed once per image for all prompts and steps."""
-        image_tokens = self.visual.forward_tokens(images)  # (B, 1+N, D_vision)
+        image_tokens = self.visual(images)  # (B, 1+N, D_vision)
         return [block.image_kv(image_tokens) for block in self.blocks]
 
     def decode(self, x, memory, start=0, caches=None):
@@ -188,6 +190,7 @@ class Captioner(nn.Module):
 
 
 def load_captioner(path, device):
+    """captioner.pt (written by train) -> (the Captioner in eval mode on `device`, its tokenizer)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     net = Captioner(CaptionerConfig(**ckpt["config"]))
     net.load_state_dict(ckpt["model"])
@@ -196,7 +199,6 @@ def load_captioner(path, device):
 
 # ----------------------------------------------------------------------------------------------------
 # train: (image, prompt, text) triples from the records' slots
-
 
 def vision_config(preset_name, vision_layers, vocab_size, conv_stem=True):
     """The captioner's image encoder: a preset's tower (K = 1) with vision_layers ViT blocks; with 0 the
@@ -207,7 +209,7 @@ def vision_config(preset_name, vision_layers, vocab_size, conv_stem=True):
 
 
 def prompts_loss(net, images, tokens, columns):
-    """The teacher-forced loss of one batch, the mean over the prompts: images (B, 3, H, W), tokens (B, M, T),
+    """The teacher-forced loss of one batch, the mean over the prompts: images (B, 3, S, S), tokens (B, M, T),
     prompt j's texts at caption slot columns[j]. The image is encoded once for all prompts."""
     memory = net.encode(images)  # the image's keys and values
     loss = 0
@@ -227,6 +229,8 @@ def learning_rate(args, step, warmup, progress):
 
 
 def train(args):
+    """Teach a Captioner the --prompts from the texts in their --slots of --data, every prompt on every
+    image of a batch; write OUT/captioner.pt (config, weights, tokenizer) at the end."""
     torch.manual_seed(args.seed)
     records = data.read_records(args.data)
     slots, prompts = args.slots.split(","), args.prompts.split(",")
@@ -235,17 +239,16 @@ def train(args):
         assert p in PROMPTS and p in slots, f"prompt {p!r} must be in PROMPTS and in --slots {slots}"
     tok = data.Tokenizer.beside(args.data, records, args.vocab_size)  # the world writes its tokenizer.json
     vision = vision_config(args.model, args.vision_layers, tok.vocab_size, args.conv_stem)
-    config = CaptionerConfig(vision, prompts, tok.vocab_size, args.context_length, args.width, args.layers,
-                             args.heads)
+    config = CaptionerConfig(vision, prompts, tok.vocab_size, args.context_length, args.width, args.layers, args.heads)
     net = Captioner(config).to(args.device)
-    # no augmentation: a crop could move an object across a position boundary ("top left")
-    dataset = data.ImageTextDataset(records, tok, vision["image_size"], train=False,
-                                    context_length=args.context_length, seed=args.seed)
+    # the data: each record's M texts, prompt j's in caption slot columns[j]. No augmentation: a crop
+    # could move an object across a position boundary ("top left")
+    dataset = data.ImageTextDataset(records, tok, vision["image_size"], train=False, context_length=args.context_length)
     M = dataset.tokens.shape[1]
     assert M == len(slots), f"{args.data}: records have {M} captions, --slots names {len(slots)}"
     columns = [slots.index(p) for p in prompts]  # caption slot of each prompt
-    decay = [p for p in net.parameters() if p.dim() >= 2]
-    rest = [p for p in net.parameters() if p.dim() < 2]
+    # AdamW, weight decay on matrices and embeddings only (not on gains and biases), as in train.py
+    decay, rest = [p for p in net.parameters() if p.dim() >= 2], [p for p in net.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": rest, "weight_decay": 0}],
                             lr=args.lr, betas=(0.9, 0.98), fused=True)  # fused: one kernel, also on the CPU
     # the schedule's length: --max-steps, else the clock alone when --max-minutes is given, else 3,000 steps
@@ -258,18 +261,19 @@ def train(args):
     # so a run cut by the clock still ends with its learning rate annealed
     step, epoch, progress, start = 0, 0, 0.0, time.time()
     bar = tqdm(total=max_steps if max_steps < math.inf else None, disable=None)
+    # the loop: every prompt's loss on every image of the batch, gradients clipped at norm 1, epoch after epoch
     while progress < 1:
         for images, tokens in data.make_loader(dataset, args.batch_size, train=True, seed=args.seed, epoch=epoch):
             lr = learning_rate(args, step, warmup, progress)
             for group in opt.param_groups:
                 group["lr"] = lr
-            images, tokens = images.to(args.device), tokens.to(args.device)  # (B, 3, H, W), (B, M, T)
+            images, tokens = images.to(args.device), tokens.to(args.device)  # (B, 3, S, S), (B, M, T)
             loss = prompts_loss(net, images, tokens, columns)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
-            step += 1
+            step += 1  # then progress, the bar and a log line every 100 steps
             minutes = (time.time() - start) / 60
             progress = max(step / max_steps, minutes / args.max_minutes if args.max_minutes else 0)
             bar.update()
@@ -280,6 +284,7 @@ def train(args):
                 break
         epoch += 1
     bar.close()
+    # the checkpoint: everything generate needs to rebuild the captioner and its tokenizer
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "captioner.pt")
     torch.save({"config": asdict(config), "model": net.state_dict(), "tokenizer": tok.to_dict(),
@@ -289,8 +294,7 @@ def train(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# cleaning: every text is stripped; empty, degenerate or duplicate texts are replaced (see generate)
-
+# generate: cleaning the texts, resumable jsonl writing, one part per rank, merged in input order
 
 def degenerate(text, repeats=4):
     """A repetition loop: some n-gram of words `repeats` times in a row ("a b a b a b a b"). Three is
@@ -306,13 +310,6 @@ def degenerate(text, repeats=4):
 def acceptable(text, earlier):
     """A non-empty, non-degenerate text that no earlier text of the same image already says."""
     return bool(text) and not degenerate(text) and text.lower() not in {e.lower() for e in earlier}
-
-
-# ----------------------------------------------------------------------------------------------------
-# generate: resumable jsonl writing, one part per rank, merged in input order
-
-
-RETRIES = 3  # sampled retries (temperature 1) of an unacceptable text before the fallback
 
 
 def read_done(path):
@@ -334,15 +331,14 @@ def caption_texts(net, tok, memory, prompt, earlier, args, counts):
     """One text per image for one prompt: greedy (or as --temperature says); an unacceptable text is
     sampled again up to RETRIES times, then replaced by the image's first caption (read_records
     guarantees every record one)."""
-    B = len(earlier)
-    ids = torch.full((B,), net.config.prompts.index(prompt), device=args.device)  # (B,)
+    ids = torch.full((len(earlier),), net.config.prompts.index(prompt), device=args.device)  # (B,) prompt ids
 
     def texts(rows, temperature):  # the images `rows` -> token ids cut at EOT -> stripped strings
         rows_memory = [[kv[rows] for kv in block] for block in memory]
         out = net.generate(rows_memory, ids[rows], temperature, args.top_p).tolist()
         return [" ".join(tok.decode(t[:t.index(tok.eot)] if tok.eot in t else t).split()) for t in out]
 
-    result = texts(list(range(B)), args.temperature)
+    result = texts(list(range(len(ids))), args.temperature)  # every image, then the bad ones again
     for _ in range(RETRIES):
         bad = [i for i, t in enumerate(result) if not acceptable(t, earlier[i])]
         counts["retried"] += len(bad)
@@ -355,22 +351,46 @@ def caption_texts(net, tok, memory, prompt, earlier, args, counts):
     return result
 
 
+def merge(out, images, world):
+    """Rank 0, its own part written: wait until OUT and the W parts hold every image between them, write
+    OUT in input order, remove the parts. OUT is whole or absent at any moment (temporary file +
+    os.replace), so after a crash the same command resumes and merges again."""
+    parts = [f"{out}.part{r}" for r in range(world)]
+    while True:  # the other ranks may still be writing
+        done = {image: line for path in [out, *parts] for image, line in read_done(path).items()}
+        missing = sum(image not in done for image in images)
+        if not missing:
+            break
+        print(f"merge: waiting for {missing} images from the other ranks")
+        time.sleep(10)
+    with open(out + ".tmp", "w") as f:
+        f.writelines(done[image] for image in images)
+    os.replace(out + ".tmp", out)
+    for part in filter(os.path.exists, parts):  # a rank with nothing left to write opened no part
+        os.remove(part)
+    print(f"merged {len(images)} images from {world} parts into {out}")
+
+
 @torch.no_grad()
 def generate(args):
+    """Write M texts per image of --data into --out: slot 0 the input's first caption, then one text per
+    --ckpt and --prompt. Resumable, one part per rank under torchrun (see the module docstring)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's env
     if args.device == "cuda":  # one GPU per rank on a node
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # the ranks sample differently
+    # the captioners, each with the image transform of its own tower
     nets = [load_captioner(path, args.device) for path in args.ckpt]
+    transforms = [data.image_transform(net.config.vision["image_size"], train=False) for net, _ in nets]
     prompts = args.prompts.split(",")
     for path, (net, _) in zip(args.ckpt, nets):
         for p in prompts:
             assert p in net.config.prompts, f"{path} was trained on prompts {net.config.prompts}, not {p!r}"
-    transforms = [data.image_transform(net.config.vision["image_size"], train=False) for net, _ in nets]
     records = data.read_records(args.data)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     for r in records:  # image paths relative to the output file, so it reads from anywhere
         r["image_path"], r["image"] = r["image"], os.path.relpath(r["image"], out_dir)
+    # this rank's share, records r::W, less the images already written (in OUT, or in its part)
     part = args.out if world == 1 else f"{args.out}.part{rank}"
     done = {**read_done(args.out), **read_done(part)}
     todo = [r for r in records[rank::world] if r["image"] not in done]
@@ -393,122 +413,15 @@ def generate(args):
                     keep = {k: v for k, v in r.items() if k not in ("line", "image_path")}
                     f.write(json.dumps({**keep, "caption": c}) + "\n")
                     f.flush()  # one finished line per image: a killed run resumes after it
-    seconds = time.time() - start
-    n_texts = len(todo) * len(nets) * len(prompts)
+    seconds, n_texts = time.time() - start, len(todo) * len(nets) * len(prompts)  # speed, and cleaning's counts
     print(f"rank {rank}: {len(todo)} images in {seconds:.1f} s = {n_texts / max(seconds, 1e-9):.2f} images/s "
           f"per prompt | retried {counts['retried']}, fallback {counts['fallback']} of {n_texts} texts")
     if world > 1 and rank == 0:
         merge(args.out, [r["image"] for r in records], world)
 
 
-def merge(out, images, world):
-    """Rank 0: wait until the parts (and any earlier OUT) hold every image, write OUT in input order
-    (temporary file + os.replace), remove the parts. Rerunning after a crash resumes and merges again."""
-    while True:
-        done = read_done(out)
-        for r in range(world):
-            done.update(read_done(f"{out}.part{r}"))
-        missing = sum(image not in done for image in images)
-        if not missing:
-            break
-        print(f"merge: waiting for {missing} images from the other ranks")
-        time.sleep(10)
-    with open(out + ".tmp", "w") as f:
-        f.writelines(done[image] for image in images)
-    os.replace(out + ".tmp", out)
-    for r in range(world):
-        if os.path.exists(f"{out}.part{r}"):
-            os.remove(f"{out}.part{r}")
-    print(f"merged {len(images)} images from {world} parts into {out}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# score: per-perspective accuracy against the synthetic world's scenes, and text diversity
-
-
-def mentioned(text, names):
-    """The names of a vocabulary (data.SHAPES, ...) that `text` mentions, in order: whole words, longest
-    name first ("top left" before "top"), plurals allowed ("circles", "crosses")."""
-    alternatives = "|".join(sorted(map(re.escape, names), key=len, reverse=True))
-    return re.findall(rf"\b({alternatives})(?:e?s)?\b", text.lower())
-
-
-def correct(perspective, text, scene):
-    """How right one text is about its scene, in [0, 1], read with the world's vocabulary (data.py)."""
-    main, bg, objects = data.main_object(scene), scene["background"], scene["objects"]
-    shapes, colours = set(mentioned(text, data.SHAPES)), set(mentioned(text, data.COLOURS))
-    if perspective == "main":  # the main object's shape and colour, and no other
-        return float(shapes == {main["shape"]} and colours == {main["colour"]})
-    if perspective == "background":
-        return float(set(mentioned(text, data.PATTERNS)) == {bg["pattern"]} and colours == {bg["colour"]})
-    if perspective == "style":
-        return float(set(mentioned(text, data.STYLES)) == {scene["style"]})
-    if perspective == "nouns":  # the set of shapes (how many of each is not asked)
-        return float(shapes == {o["shape"] for o in objects})
-    assert perspective == "detail", f"no accuracy rule for perspective {perspective!r}"
-    # the objects written as the world writes them, "SIZE COLOUR SHAPE at (the) POSITION"; each true object
-    # may match one written object: the intersection over union of the true and the written objects
-    size, colour, shape, position = [rf"({'|'.join(sorted(v, key=len, reverse=True))})" for v in
-                                     (data.SIZES, data.COLOURS, data.SHAPES, data.POSITIONS)]
-    written = re.findall(rf"\b{size} {colour} {shape} at (?:the )?{position}\b", text.lower())
-    right = 0
-    for o in objects:
-        key = (o["size"], o["colour"], o["shape"], o["position"])
-        if key in written:
-            written.remove(key)
-            right += 1
-    return right / (len(objects) + len(written))  # written now holds the unmatched ones
-
-
-def words(text):
-    return set(re.findall(r"\w+", text.lower()))
-
-
-def mean_pairwise(x):
-    """x (M, M) similarities -> the mean over the M (M - 1) off-diagonal pairs."""
-    M = len(x)
-    return float((x.sum() - x.diagonal().sum()) / (M * (M - 1)))
-
-
-@torch.no_grad()
-def score(args):
-    generated = data.read_records(args.data)
-    truth = {os.path.realpath(r["image"]): r for r in data.read_records(args.truth)}  # "a/../b" == "b"
-    slots = args.slots.split(",") if args.slots else ["alt"] + list(SLOT_PROMPTS.values())
-    clip = None
-    if args.ckpt:  # a HolisticCLIP checkpoint of train.py: its text tower
-        ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        clip = model.HolisticCLIP(model.ModelConfig(**ckpt["config"]))
-        clip.load_state_dict(ckpt["model"])
-        clip, tok = clip.to(args.device).eval(), data.Tokenizer.from_dict(ckpt["tokenizer"])
-    accuracy = {f"slot{m}/{name}": [] for m, name in enumerate(slots) if name != "alt"}
-    jaccard, cosine = [], []
-    for r in tqdm(generated, disable=None):
-        assert len(r["caption"]) == len(slots), f"{args.data}:{r['line']}: {len(r['caption'])} texts, --slots {slots}"
-        scene = truth[os.path.realpath(r["image"])]["scene"]
-        texts = [t for t, name in zip(r["caption"], slots) if name != "alt"]  # the generated texts only
-        for m, (t, name) in enumerate(zip(r["caption"], slots)):
-            if name != "alt":
-                accuracy[f"slot{m}/{name}"].append(correct(name, t, scene))
-        sets = [words(t) for t in texts]
-        jaccard.append(mean_pairwise(torch.tensor([[len(a & b) / len(a | b) for b in sets] for a in sets])))
-        if clip is not None:
-            txt = clip.encode_text(tok.tokenize(texts, clip.config.context_length).to(args.device))  # (M, E)
-            cosine.append(mean_pairwise(txt @ txt.T))
-    results = {k: sum(v) / len(v) for k, v in accuracy.items()}
-    results["diversity/jaccard"] = sum(jaccard) / len(jaccard)
-    if cosine:
-        results["diversity/text_cosine"] = sum(cosine) / len(cosine)
-    print(f"{args.data}: {len(generated)} images; accuracy per perspective against the scene, then the mean\n"
-          f"pairwise similarity of an image's generated texts (lower = more diverse; paper: 0.48 / 0.58)")
-    for k, v in results.items():
-        print(f"{k:<24}{v:8.3f}")
-    return results
-
-
 # ----------------------------------------------------------------------------------------------------
 # command line
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -518,20 +431,18 @@ def main(argv=None):
     t = sub.add_parser("train", **defaults, help="train a captioner on the texts of a jsonl's slots")
     t.add_argument("--data", required=True, help="training jsonl (records with one text per slot)")
     t.add_argument("--out", required=True, help="folder for captioner.pt")
-    t.add_argument("--slots", default=",".join(data.SLOTS), help="what each caption slot of --data holds")
+    t.add_argument("--slots", default=",".join(SLOTS), help="what each caption slot of --data holds")
     t.add_argument("--prompts", default=default_prompts, help="the prompts to learn, comma-separated")
     t.add_argument("--model", default="tiny", choices=list(model.PRESETS), help="vision tower preset (model.py)")
     t.add_argument("--conv-stem", action=argparse.BooleanOptionalAction, default=True,
                    help="VGG-style conv stem in the vision tower (model.conv_stem): shapes are learned sooner")
-    t.add_argument("--vision-layers", type=int, default=0,
-                   help="ViT blocks of the tower, in place of the preset's (tiny: 4); 0: the conv stem's tokens alone")
+    t.add_argument("--vision-layers", type=int, default=0, help="ViT blocks (tiny preset: 4); 0: the stem tokens alone")
     t.add_argument("--width", type=int, default=128, help="decoder width D")
     t.add_argument("--layers", type=int, default=1, help="decoder blocks")
     t.add_argument("--heads", type=int, default=4, help="decoder attention heads")
     t.add_argument("--context-length", type=int, default=77, help="prompt token + text tokens + EOT")
     t.add_argument("--vocab-size", type=int, default=1024, help="BPE size when --data has no tokenizer.json")
-    t.add_argument("--max-steps", type=int, default=None,
-                   help="optimizer steps (the schedule's length); default 3000, or no step limit with --max-minutes")
+    t.add_argument("--max-steps", type=int, help="schedule length in steps; default 3000, none with --max-minutes")
     t.add_argument("--max-minutes", type=float, default=None, help="also stop after this wall time")
     t.add_argument("--batch-size", type=int, default=16, help="images per step (each with all prompts)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -551,14 +462,8 @@ def main(argv=None):
     g.add_argument("--batch-size", type=int, default=64, help="images per batch")
     g.add_argument("--seed", type=int, default=0, help="sampling (temperature > 0 and the retries)")
     g.add_argument("--device", default="cpu", help="cpu, cuda (= cuda:LOCAL_RANK under torchrun), cuda:1")
-    s = sub.add_parser("score", **defaults, help="per-perspective accuracy (synthetic world) and text diversity")
-    s.add_argument("--data", required=True, help="generated jsonl")
-    s.add_argument("--truth", required=True, help="the world's jsonl with the scenes")
-    s.add_argument("--slots", default=None, help="what each caption slot holds (default: alt + the world's prompts)")
-    s.add_argument("--ckpt", default=None, help="a HolisticCLIP checkpoint: also text-tower diversity")
-    s.add_argument("--device", default="cpu", help="for the --ckpt text tower")
     args = parser.parse_args(argv)
-    return {"train": train, "generate": generate, "score": score}[args.command](args)
+    return {"train": train, "generate": generate}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ Reading order:
   branch_diversity  the 0.7 hinge that keeps the K branches apart
   fused path        the same m2m_loss computed tile by tile with an online logsumexp (a custom
                     autograd Function, tiles compiled by torch.compile); never holds K x B x B logits
-  benchmark         `python loss.py`: reference vs fused, time per forward+backward and peak memory
+  check             `python loss.py`: fused == reference in float64
 
 Commands:
-  python loss.py                       # benchmark table (CUDA if present, else CPU with smaller B)
-  python loss.py --check               # fused == reference in float64, value and gradients
+  python loss.py                       # fused == reference in float64, value and gradients
+  python loss.py --no-compile          # the same with the tiles run eagerly (no compile wait)
+  python bench/loss.py                 # time and peak memory: reference vs fused, eager and compiled
   python -m pytest -q tests/test_loss.py
 
 Letters: B images per rank, W world size, K image branches, M texts per image, E embed dim.
@@ -20,9 +21,7 @@ Inputs are unit vectors img (B, K, E), txt (B, M, E) and scale = exp(logit_scale
 (CLIP initialises logit_scale to ln(1/0.07); train.py clamps it at ln(100)).
 """
 import argparse
-import ctypes
 import functools
-import time
 
 import torch
 import torch.distributed as dist
@@ -248,7 +247,7 @@ def fused_m2m_loss(img, txt, all_img, all_txt, scale, branch, labels, tiles, com
 
 
 # ----------------------------------------------------------------------------
-# Command line: a quick check and the benchmark
+# Command line: the check
 
 def unit(*shape, dtype=torch.float32, device="cpu"):
     """Random unit vectors along the last dim."""
@@ -274,101 +273,13 @@ def check(batch=50, tiles=(16, 24), compile=True):
     return worst
 
 
-def proc_bytes(field):
-    """A field of /proc/self/status (VmRSS, VmHWM) in bytes (Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def reset_peak(device):
-    """Start a peak-memory window; returns the baseline in bytes."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    # CPU (Linux, glibc): give the memory freed so far back to the OS, so that the step has to fault in
-    # every page it uses; then "5" in clear_refs resets VmHWM (the peak RSS) to the current RSS
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return proc_bytes("VmRSS")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_since(device, base):
-    """Peak bytes above the baseline since reset_peak."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() - base
-    return proc_bytes("VmHWM") - base
-
-
-def benchmark(args):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    batches = args.batch or ([1024, 4096, 16384] if device.type == "cuda" else [256, 1024, 2048])
-    dtype = getattr(torch, args.dtype)
-    K, M, E = args.branches, args.texts, args.dim
-    reference = functools.partial(m2m_loss, fused=False)
-    variants = {
-        "reference": reference,
-        "reference compiled": torch.compile(reference),
-        "fused eager": functools.partial(m2m_loss, fused=True, compile=False, tiles=args.tiles),
-        "fused compiled": functools.partial(m2m_loss, fused=True, compile=True, tiles=args.tiles),
-    }
-    memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
-    print(f"device {device} | K={K} M={M} E={E} {args.dtype} | tiles {tuple(args.tiles)} | time per "
-          f"forward+backward, median of {args.repeats} after a warm-up | peak = {memory} above the inputs")
-    print(f"{'B':>6} | {'variant':<18} | {'ms':>9} | {'peak MiB':>9} | {'x reference compiled':>20}")
-    for B in batches:
-        img = unit(B, K, E, dtype=dtype, device=device).requires_grad_()
-        txt = unit(B, M, E, dtype=dtype, device=device).requires_grad_()
-        scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)  # CLIP's initial scale
-        results = {name: measure(fn, img, txt, scale, device, args.repeats) for name, fn in variants.items()}
-        for name, (ms, peak) in results.items():
-            ratio = ms / results["reference compiled"][0]
-            print(f"{B:>6} | {name:<18} | {ms:>9.1f} | {peak / 2**20:>9.1f} | {ratio:>20.2f}", flush=True)
-
-
-def measure(fn, img, txt, scale, device, repeats):
-    """(median ms, peak bytes above the inputs) of one forward+backward of fn."""
-    def step():
-        img.grad = txt.grad = scale.grad = None
-        fn(img, txt, scale).backward()
-    step()  # warm-up: compile, allocator
-    steps = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        steps.append(time.perf_counter() - t0)
-    img.grad = txt.grad = scale.grad = None
-    base = reset_peak(device)
-    step()
-    return sorted(steps)[len(steps) // 2] * 1e3, peak_since(device, base)  # median: robust to a busy machine
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="fused == reference in float64, then exit")
+    parser = argparse.ArgumentParser(description="fused == reference in float64: value and gradients, one-to-one and "
+                                     "both free-matching cases (the timing table: python bench/loss.py)")
+    parser.add_argument("--check", action="store_true", help="the default and only action (kept for scripts)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile the fused tiles in --check")
-    parser.add_argument("--batch", type=int, nargs="+", help="B values (default 1024 4096 16384 on CUDA, "
-                        "256 1024 2048 on CPU)")
-    parser.add_argument("--branches", type=int, default=4, help="K")
-    parser.add_argument("--texts", type=int, default=4, help="M")
-    parser.add_argument("--dim", type=int, default=512, help="E")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--tiles", type=int, nargs=2, default=TILES, help="rows and columns per fused tile")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per cell")
+                        help="compile the fused tiles (a cold compile takes ~40 s on a CPU)")
     args = parser.parse_args()
-    if args.check:
-        worst = check(compile=args.compile)
-        print(f"largest difference {worst:.1e}: {'ok' if worst < 1e-10 else 'MISMATCH'}")
-        raise SystemExit(0 if worst < 1e-10 else 1)
-    benchmark(args)
+    worst = check(compile=args.compile)
+    print(f"largest difference {worst:.1e}: {'ok' if worst < 1e-10 else 'MISMATCH'}")
+    raise SystemExit(0 if worst < 1e-10 else 1)

@@ -7,7 +7,7 @@ MLP designs); the loss is in loss.py.
     python -m pytest -q tests/test_model.py
 
 Letters: B images, K image branches, M texts per image, N patches, T text tokens, D width,
-E joint embedding dim, S residual streams (1, or K after the MLP design's fork), C class tokens.
+E joint embedding dim, S image side in pixels, L tokens in a sequence, H attention heads.
 
 Parameter names follow openai/CLIP (clip/model.py) so a CLIP state dict maps onto K = 1 by name.
 Two differences in shape and kind: class_embedding is (K, D) where openai's is (D,) (load it as
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 # every checkpoint, so later stages rebuild the model from the checkpoint alone.
 @dataclass(kw_only=True)
 class ModelConfig:
-    image_size: int            # H = W of the input images
+    image_size: int            # S, the side of the square input images
     patch_size: int            # conv1 stride; N = (image_size / patch_size)^2 patches
     conv_stem: bool = False    # conv1 = a small VGG-style conv stem instead of one patchify conv (conv_stem)
     vision_width: int          # D of the image tower
@@ -88,31 +88,18 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def project(self, x, rows):
-        """(..., L, D) through a slice of rows of in_proj (q: 0, k: 1, v: 2) -> each (..., H, L, D/H)."""
-        D = x.shape[-1]
-        y = F.linear(x, self.in_proj_weight[rows.start * D:rows.stop * D],
-                     self.in_proj_bias[rows.start * D:rows.stop * D])          # (..., L, n D)
-        y = y.unflatten(-1, (rows.stop - rows.start, self.heads, -1))          # (..., L, n, H, D/H)
-        return y.movedim(-3, 0).transpose(-3, -2).unbind(0)                    # n x (..., H, L, D/H)
-
     def qkv(self, x):
         """(..., L, D) -> q, k, v, each (..., H, L, D/H), from one matmul."""
-        return self.project(x, slice(0, 3))
+        y = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (..., L, 3D)
+        y = y.unflatten(-1, (3, self.heads, -1))                  # (..., L, 3, H, D/H)
+        return y.movedim(-3, 0).transpose(-3, -2).unbind(0)       # 3 x (..., H, L, D/H)
 
-    def forward(self, x, attn_mask=None, is_causal=False, context=None):
-        """(..., R, D) -> (..., R, D). Queries come from x; keys and values from context (..., L, D),
-        default x itself. attn_mask: bool (R, L), or (B', 1, R, L) with B' = all leading dims flattened;
-        True = may attend."""
+    def forward(self, x, attn_mask=None, is_causal=False):
+        """(..., L, D) -> (..., L, D). attn_mask: bool (L, L), True = may attend."""
         shape = x.shape
-        x = x.reshape(-1, *shape[-2:])  # (B', R, D), B' = all leading dims
-        if context is None:
-            q, k, v = self.qkv(x)       # (B', H, R, D/H) each
-        else:
-            (q,) = self.project(x, slice(0, 1))                                          # (B', H, R, D/H)
-            k, v = self.project(context.reshape(-1, *context.shape[-2:]), slice(1, 3))  # (B', H, L, D/H) each
+        q, k, v = self.qkv(x.reshape(-1, *shape[-2:]))  # (B', H, L, D/H) each, B' = all leading dims
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.out_proj(o.transpose(1, 2).reshape(shape))  # heads concatenated, (..., R, D)
+        return self.out_proj(o.transpose(1, 2).reshape(shape))  # heads concatenated, (..., L, D)
 
 
 class MLP(nn.Module):
@@ -138,25 +125,19 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, branches)
 
-    def forward(self, x, attn_mask=None, is_causal=False, rows=None):
-        """rows: a function picking the rows to compute, (..., L, D) -> (..., R, D) (the last block: the rows
-        read afterwards); their attention still reads all L rows. attn_mask is then that of the R rows."""
-        if rows is None:
-            x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
-        else:
-            h = self.ln_1(x)
-            x = rows(x) + self.attn(rows(h), attn_mask, context=h)
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
         h = self.mlp.gelu(self.mlp.c_fc(self.ln_2(x)))  # (..., L, 4D)
         if isinstance(self.mlp.c_proj, nn.Linear):
             return x + self.mlp.c_proj(h)
-        # MLP design, x (B, S, L, D). The first branched block forks: S = 1 comes in, every copy
-        # reads that one stream (expand is a free view) and K streams go out. Later branched blocks
-        # get S = K: attention, LNs and c_fc above ran on all K streams as one batch of B*K, and
-        # stream k now goes through copy k only.
+        # MLP design, x (B, 1 or K streams, L, D). The first branched block forks: one stream comes in,
+        # every copy reads it (expand is a free view) and K streams go out. Later branched blocks get K
+        # streams: attention, LNs and c_fc above ran on all K as one batch of B*K, and stream k now
+        # goes through copy k only.
         K = len(self.mlp.c_proj)
         h = h.expand(-1, K, -1, -1)                                                # (B, K, L, 4D)
         out = torch.stack([c_proj(h[:, k]) for k, c_proj in enumerate(self.mlp.c_proj)], 1)  # (B, K, L, D)
-        return x + out  # x (B, S, L, D) broadcasts over the K streams
+        return x + out  # x (B, 1 or K, L, D) broadcasts over the K streams
 
 
 class Transformer(nn.Module):
@@ -168,15 +149,10 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, branches if i >= layers - branch_layers else 1)
             for i in range(layers))
 
-    def forward(self, x, attn_mask=None, is_causal=False, rows=None, rows_mask=None):
-        """rows, rows_mask: the last block computes only rows(x), under rows_mask (see the block). Exact: the
-        other rows of the last block feed nothing, and skipping them saves 1/layers of the work."""
-        if not self.resblocks:  # no blocks (caption.py's tower: the conv stem's tokens as they are)
-            return x if rows is None else rows(x)
-        *body, last = self.resblocks
-        for block in body:
+    def forward(self, x, attn_mask=None, is_causal=False):
+        for block in self.resblocks:  # none at all: caption.py's tower, the conv stem's tokens as they are
             x = block(x, attn_mask, is_causal)
-        return last(x, attn_mask, is_causal) if rows is None else last(x, rows_mask, rows=rows)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,9 +171,9 @@ def conv_stem(D, patch_size):
     resolution, a 2x2 max-pool, BatchNorm and ReLU (widths D/4, D/2, D for patch 8), then a 1x1 to D.
     Pooling before the norm runs BatchNorm and ReLU on a quarter of the pixels; with the input in channels-last
     (patchify) caption.py's CPU training step is 1.2-1.4x faster than conv-norm-ReLU-pool (bench/caption_step.py).
-    Same patch grid, (B, 3, H, W) -> (B, D, H/p, W/p). A ViT trained from scratch on a few thousand images
+    Same patch grid, (B, 3, S, S) -> (B, D, S/p, S/p). A ViT trained from scratch on a few thousand images
     learns shapes much sooner with it (caption.py uses it; no preset does). Stride-2 convolutions without
-    the max-pool and the norm learned shapes about as slowly as the patchify conv (README, caption.py).
+    the max-pool and the norm learned shapes about as slowly as the patchify conv (results/captioner.md).
     BatchNorm uses each process's own batch (under DDP the running statistics of rank 0 are broadcast);
     inference needs .eval()."""
     widths, layers = stem_widths(D, patch_size), []
@@ -220,7 +196,7 @@ def isolation_mask(K, N):
 
 
 class VisionTransformer(nn.Module):
-    """conv1 patches, C class tokens (K in the CLS design, 1 in the MLP design), ln_pre, blocks,
+    """conv1 patches, the class tokens (K in the CLS design, 1 in the MLP design), ln_pre, blocks,
     ln_post; proj is applied by HolisticCLIP."""
 
     def __init__(self, c: ModelConfig):
@@ -229,8 +205,8 @@ class VisionTransformer(nn.Module):
         cls_design = c.branch_type == "cls"
         self.conv1 = (conv_stem(D, c.patch_size) if c.conv_stem else
                       nn.Conv2d(3, D, kernel_size=c.patch_size, stride=c.patch_size, bias=False))
-        self.class_embedding = nn.Parameter(torch.empty(K if cls_design else 1, D))  # (C, D)
-        self.positional_embedding = nn.Parameter(torch.empty(len(self.class_embedding) + N, D))  # (C+N, D)
+        self.class_embedding = nn.Parameter(torch.empty(K if cls_design else 1, D))  # (K or 1, D)
+        self.positional_embedding = nn.Parameter(torch.empty(len(self.class_embedding) + N, D))  # (K+N or 1+N, D)
         self.ln_pre = nn.LayerNorm(D)
         self.transformer = Transformer(D, c.vision_layers, c.vision_heads,
                                        branches=1 if cls_design else K, branch_layers=c.mlp_branch_layers)
@@ -241,40 +217,31 @@ class VisionTransformer(nn.Module):
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def patchify(self, images):
-        """(B, 3, H, W) -> (B, N, D), patches row by row. The patchify conv is computed as what it is, one
+        """(B, 3, S, S) -> (B, N, D), patches row by row. The patchify conv is computed as what it is, one
         matmul over the flattened p x p patches: the same sums, and on an H100 about 10x faster than
-        cuDNN's strided convolution (README, Benchmarks). A conv stem runs as convolutions."""
+        cuDNN's strided convolution (results/benchmarks.md). A conv stem runs as convolutions."""
         if not isinstance(self.conv1, nn.Conv2d):  # channels-last: oneDNN's fast layout for the stem on the CPU
             return self.conv1(images.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)
         p = self.conv1.stride[0]
-        x = images.unflatten(2, (-1, p)).unflatten(4, (-1, p))   # (B, 3, H/p, p, W/p, p)
+        x = images.unflatten(2, (-1, p)).unflatten(4, (-1, p))   # (B, 3, S/p, p, S/p, p)
         x = x.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)  # (B, N, 3 p p), ordered like conv1.weight
         return F.linear(x, self.conv1.weight.flatten(1))          # (B, N, D)
 
     def embed(self, images):
-        """(B, 3, H, W) -> (B, C+N, D): patchify, prepend the C class tokens, add positions, ln_pre."""
-        x = self.patchify(images)                                    # (B, N, D)
-        cls = self.class_embedding.to(x.dtype).expand(len(x), -1, -1)  # (B, C, D)
-        x = torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype)  # (B, C+N, D)
-        return self.ln_pre(x)
-
-    def forward_tokens(self, images):
-        """(B, 3, H, W) -> (B, K+N, D) after ln_post: the K class tokens, then the N patch tokens
-        (MLP design: each stream's class token, and the patch tokens averaged over the K streams)."""
-        x = self.transformer(self.embed(images).unsqueeze(1), self.attn_mask)  # (B, S, C+N, D)
-        x = self.ln_post(x)
-        C = len(self.class_embedding)
-        # S * C = K in both designs: CLS has one stream of K class tokens, MLP K streams of one
-        return torch.cat([x[:, :, :C].flatten(1, 2), x[:, :, C:].mean(1)], 1)  # (B, K+N, D)
+        """(B, 3, S, S) -> (B, 1, L, D), one stream of L = K+N tokens (1+N in the MLP design): patchify,
+        prepend the class tokens, add positions, ln_pre."""
+        x = self.patchify(images)                                         # (B, N, D)
+        cls = self.class_embedding.to(x.dtype).expand(len(x), -1, -1)     # (B, K or 1, D)
+        x = torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype)  # (B, L, D)
+        return self.ln_pre(x).unsqueeze(1)
 
     def forward(self, images):
-        """(B, 3, H, W) -> (B, K, D): forward_tokens(images)[:, :K], the K class tokens after ln_post, with
-        the last block computing only the class-token rows (training reads nothing else)."""
-        C = len(self.class_embedding)
-        mask = None if self.attn_mask is None else self.attn_mask[:C]  # (C, C+N)
-        x = self.transformer(self.embed(images).unsqueeze(1), self.attn_mask,
-                             rows=lambda t: t[..., :C, :], rows_mask=mask)  # (B, S, C, D)
-        return self.ln_post(x.flatten(1, 2))  # (B, K, D): S * C = K in both designs
+        """(B, 3, S, S) -> (B, K+N, D) after ln_post: the K class tokens, then the N patch tokens.
+        CLS design: one stream holding K class tokens. MLP design: K streams of one class token each
+        after the fork; their patch tokens are averaged over the streams."""
+        x = self.ln_post(self.transformer(self.embed(images), self.attn_mask))  # (B, 1 or K, L, D)
+        n_cls = len(self.class_embedding)
+        return torch.cat([x[:, :, :n_cls].flatten(1, 2), x[:, :, n_cls:].mean(1)], 1)  # (B, K+N, D)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,8 +297,8 @@ class HolisticCLIP(nn.Module):
         nn.init.constant_(self.logit_scale, math.log(1 / 0.07))  # CLIP's temperature 0.07
 
     def encode_image(self, images, reduce=None):
-        """(B, 3, H, W) -> unit (B, K, E); reduce="mean" -> unit (B, E), the renormalised branch mean."""
-        x = self.visual(images) @ self.visual.proj  # (B, K, E), shared proj
+        """(B, 3, S, S) -> unit (B, K, E); reduce="mean" -> unit (B, E), the renormalised branch mean."""
+        x = self.visual(images)[:, :self.config.branches] @ self.visual.proj  # (B, K, E), shared proj
         x = F.normalize(x, dim=-1)
         if reduce == "mean":
             return F.normalize(x.mean(1), dim=-1)  # (B, E)
@@ -344,89 +311,76 @@ class HolisticCLIP(nn.Module):
         assert T <= self.config.context_length, f"{T} tokens > context_length {self.config.context_length}"
         tokens = tokens.reshape(-1, T)                                          # (B*M, T)
         x = self.token_embedding(tokens) + self.positional_embedding[:T]        # (B*M, T, D)
-        eot = tokens.argmax(-1)                                                 # (B*M,)
-        # causal: every position sees only the past. The last block computes only the EOT row, which
-        # sees positions <= EOT (the mask, per text)
-        at_eot = lambda t: t[torch.arange(len(t), device=t.device), eot, None]  # (B*M, 1, D)
-        sees = (torch.arange(T, device=tokens.device) <= eot[:, None])[:, None, None]  # (B*M, 1, 1, T)
-        x = self.ln_final(self.transformer(x, is_causal=True, rows=at_eot, rows_mask=sees))[:, 0]  # (B*M, D)
+        x = self.ln_final(self.transformer(x, is_causal=True))                  # (B*M, T, D), causal
+        x = x[torch.arange(len(x), device=x.device), tokens.argmax(-1)]         # (B*M, D) at each EOT
         x = F.normalize(x @ self.text_projection, dim=-1)                       # (B*M, E)
         return x.reshape(*shape[:-1], -1)                                       # (..., E)
 
     def forward(self, images, tokens):
-        """images (B, 3, H, W), tokens (B, M, T) -> img (B, K, E), txt (B, M, E), scale (0-dim)."""
+        """images (B, 3, S, S), tokens (B, M, T) -> img (B, K, E), txt (B, M, E), scale (0-dim)."""
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
 
     def encode_patches(self, images):
-        """(B, 3, H, W) -> unit (B, N, E): the last layer's patch tokens through ln_post and proj,
+        """(B, 3, S, S) -> unit (B, N, E): the last layer's patch tokens through ln_post and proj,
         in the joint space (the dense probe compares them with text embeddings)."""
-        x = self.visual.forward_tokens(images)[:, self.config.branches:]  # (B, N, D)
+        x = self.visual(images)[:, self.config.branches:]  # (B, N, D)
         return F.normalize(x @ self.visual.proj, dim=-1)                   # (B, N, E)
 
     def class_attention(self, images):
-        """(B, 3, H, W) -> (B, K, N): the last block's attention of each class token over the patches,
+        """(B, 3, S, S) -> (B, K, N): the last block's attention of each class token over the patches,
         averaged over heads and renormalised over the N patches (class-token columns dropped)."""
         v = self.visual
-        C = len(v.class_embedding)
-        x = v.embed(images).unsqueeze(1)  # (B, 1, C+N, D)
+        n_cls = len(v.class_embedding)  # K (CLS design) or 1 (MLP design)
+        x = v.embed(images)  # (B, 1, L, D)
         for block in v.transformer.resblocks[:-1]:
-            x = block(x, v.attn_mask)     # (B, S, C+N, D)
+            x = block(x, v.attn_mask)     # (B, 1 or K streams, L, D)
         last = v.transformer.resblocks[-1]
-        q, k, _ = last.attn.qkv(last.ln_1(x))  # each (B, S, H, C+N, D/H)
-        logits = q[..., :C, :] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, S, H, C, C+N)
+        q, k, _ = last.attn.qkv(last.ln_1(x))  # each (B, streams, H, L, D/H)
+        logits = q[..., :n_cls, :] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, streams, H, n_cls, L)
         if v.attn_mask is not None:
-            logits = logits.masked_fill(~v.attn_mask[:C], float("-inf"))
-        attn = logits.softmax(-1).mean(2)[..., C:]  # (B, S, C, N) head mean, patch columns
+            logits = logits.masked_fill(~v.attn_mask[:n_cls], float("-inf"))
+        attn = logits.softmax(-1).mean(2)[..., n_cls:]  # (B, streams, n_cls, N) head mean, patch columns
         attn = attn / attn.sum(-1, keepdim=True)
-        # S * C = K, except the MLP design with L = 1: the last block is the fork, S = 1, and its
-        # attention (computed before the fork) is every branch's
-        return attn.expand(-1, self.config.branches // C, -1, -1).flatten(1, 2)  # (B, K, N)
+        # streams x n_cls = K, except the MLP design with one branched block: the last block is the fork,
+        # one stream, and its attention (computed before the fork) is every branch's
+        return attn.expand(-1, self.config.branches // n_cls, -1, -1).flatten(1, 2)  # (B, K, N)
 
 
 # ----------------------------------------------------------------------------------------------------
 # cost
 
 
-def flops_per_sample(config: ModelConfig, M=1, executed=False):
+def flops_per_sample(config: ModelConfig, M=1):
     """Forward FLOPs (2 per multiply-add) per image, per text, and image + M texts; training ~ 3x.
 
     Counts what torch.utils.flop_counter counts, the convention of open_clip's model_profile.csv
     (ViT-B-16: 35.13 image, 5.96 text GFLOP): matmuls (q/k/v/out projections, q k^T and attn @ v over
     all L^2 pairs, even under a causal mask, MLP), conv1 and the final projections, taken at the
-    class tokens / EOT only. LayerNorm, softmax, GELU and adds are left out (under 1%).
-    executed=True counts what this implementation runs in training instead: its last block of each tower
-    computes only the rows read afterwards (the class tokens, each text's EOT row), about 1/layers less.
-    MFU uses the convention, so that it compares with open_clip's."""
+    class tokens / EOT only. LayerNorm, softmax, GELU and adds are left out (under 1%)."""
     c = config
 
-    def block(L, D, streams=1, c_proj_copies=1, R=None):
-        # R of the L rows computed (default all): q, out, c_fc: 6 R D^2; k, v: 2 L D^2; q k^T and attn @ v:
-        # 2 R L D; c_proj: 4 R D^2 per copy
-        R = L if R is None else R
-        attn_fc = (6 * R + 2 * L) * D * D + 2 * R * L * D
-        return 2 * (streams * attn_fc + c_proj_copies * 4 * R * D * D)
+    def block(L, D, streams=1, c_proj_copies=1):
+        # q, k, v, out and c_fc: 8 L D^2 per stream; q k^T and attn @ v: 2 L^2 D; c_proj: 4 L D^2 per copy
+        return 2 * (streams * (8 * L * D * D + 2 * L * L * D) + c_proj_copies * 4 * L * D * D)
 
     K, D, N = c.branches, c.vision_width, (c.image_size // c.patch_size) ** 2
     image = 2 * K * D * c.embed_dim  # proj of the K class tokens
-    if c.conv_stem:  # stage i: 3x3 convs (9 c_in c_out per pixel) at H / 2^i, then the 1x1 on the N patches
+    if c.conv_stem:  # stage i: 3x3 convs (9 c_in c_out per pixel) at S / 2^i, then the 1x1 on the N patches
         widths = stem_widths(D, c.patch_size)
         image += 2 * N * widths[-1] * D
         for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])):
             image += 2 * (c.image_size >> i) ** 2 * 9 * c_in * c_out
     else:  # conv1: one D-vector per patch from 3 p^2 pixels
         image += 2 * N * D * 3 * c.patch_size ** 2
-    # (streams, c_proj copies) of each block; C class tokens per stream
+    # (streams, c_proj copies) of each block, and the sequence length L
     if c.branch_type == "cls":
-        C, layers = K, [(1, 1)] * c.vision_layers
+        L, layers = K + N, [(1, 1)] * c.vision_layers
     else:  # shared blocks, the fork block (one stream in, K copies of c_proj), then K streams
         fork = c.mlp_branch_layers if K > 1 else 0
-        C, layers = 1, [(1, 1)] * (c.vision_layers - fork) + [(1, K)] * (fork > 0) + [(K, K)] * max(fork - 1, 0)
-    L = C + N
-    computed = [L] * (len(layers) - 1) + [C if executed else L]  # rows computed by each block (none: no term)
-    image += sum(block(L, D, *sc, R=R) for sc, R in zip(layers, computed))
+        L, layers = 1 + N, [(1, 1)] * (c.vision_layers - fork) + [(1, K)] * (fork > 0) + [(K, K)] * max(fork - 1, 0)
+    image += sum(block(L, D, *sc) for sc in layers)
     T, W = c.context_length, c.text_width
-    text = (c.text_layers - 1) * block(T, W) + block(T, W, R=1 if executed else T)
-    text += 2 * W * c.embed_dim  # text_projection at EOT only
+    text = c.text_layers * block(T, W) + 2 * W * c.embed_dim  # text_projection at EOT only
     return dict(image=float(image), text=float(text), total=float(image + M * text))
 
 

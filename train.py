@@ -1,7 +1,7 @@
 """Train Holistic CLIP: K image branches matched to M texts per image (paper.md sections 3 and 5).
 
 One file, read top to bottom: config, distributed/device, data, model, optimizer, resume, compile/DDP,
-schedule, loop, final evaluation. The same script runs as one plain process or under torchrun:
+schedule, the loop's helpers, loop, final evaluation. The same script runs as one plain process or under torchrun:
 
     python train.py                                   # built-in synthetic world, tiny preset, CPU, ~7 min
     python train.py --train-data d/train.jsonl --val-data d/val.jsonl --model small --branches 6
@@ -17,6 +17,7 @@ M texts per image, T tokens per text, E joint embedding dim.
 params.json, metrics.jsonl (one JSON line per log step), ckpt.pt and results.jsonl.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -31,14 +32,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DataError, ImageTextDataset, Tokenizer, make_loader, make_world, read_records
+from data import DataError, ImageTextDataset, Tokenizer, make_loader, read_records
 from eval import embed_split, evaluate, print_table, retrieval_metrics
 from loss import branch_diversity, m2m_loss
 from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample
+from prepare.world import make_world
 
 # -----------------------------------------------------------------------------
-# config: open_clip-familiar flag names
+# config: open_clip-familiar flag names. Every flag lands in params.json and in the checkpoint, so a run can
+# always be told apart from another, and resumed, from its folder alone.
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# data: what a sample is (data.py), and what to do with records that do not fit
 p.add_argument("--train-data", default=None,
                help="training jsonl/csv/tsv; default: the synthetic world in data/shapes")
 p.add_argument("--val-data", default=None,
@@ -50,6 +54,7 @@ p.add_argument("--caption-count", choices=["error", "pad", "drop"], default="err
 p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
 p.add_argument("--vocab-size", type=int, default=1024,
                help="BPE vocabulary when a tokenizer must be trained (default: %(default)s)")
+# model: a preset of model.py, and the paper's design choices and ablations (paper.md sections 2 and 3)
 p.add_argument("--model", default="tiny", choices=list(PRESETS),
                help="architecture preset (model.py) (default: %(default)s)")
 p.add_argument("--branches", type=int, default=None, help="K image branches for --loss m2m (default: M)")
@@ -63,6 +68,7 @@ p.add_argument("--branch-diversity", action=argparse.BooleanOptionalAction, defa
                help="the 0.7 hinge on the inter-branch cosine when K > 1 (default: %(default)s)")
 p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
                help="tiled loss that never holds the K x B x B logits (loss.py) (default: %(default)s)")
+# optimisation: the paper's recipe (paper.md section 5), with defaults sized for the tiny preset on a CPU
 p.add_argument("--batch-size", type=int, default=128, help="images per rank (B) (default: %(default)s)")
 p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
 p.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay on >= 2-D weights (default: %(default)s)")
@@ -72,12 +78,14 @@ p.add_argument("--max-steps", type=int, default=None, help="total optimizer step
 p.add_argument("--stop-at-step", type=int, default=None,
                help="save and stop after this step, keeping the schedule of the full run (split long runs)")
 p.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient norm (off by default)")
+# hardware: precision, compilation, devices, loader processes
 p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
 p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                help="torch.compile the model and the loss tiles (default: on for CUDA)")
 p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 p.add_argument("--workers", type=int, default=2, help="data loader processes per rank (default: %(default)s)")
 p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation (default: %(default)s)")
+# bookkeeping: where the run lives, how often it logs, evaluates and saves
 # open_clip calls this --logs; torchrun (argparse on Python 3.11) rejects that as an abbreviation of its --logs-specs
 p.add_argument("--logs-dir", default="runs", help="folder of run folders (default: %(default)s)")
 p.add_argument("--name", default=None, help="run folder name (default: from the flags)")
@@ -86,13 +94,15 @@ p.add_argument("--log-every", type=int, default=20, help="steps between log line
 p.add_argument("--eval-every", type=int, default=0,
                help="steps between validations (0: only at the end) (default: %(default)s)")
 p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
+# measurement: MFU and a throughput mode without data loading
 p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from the device)")
 p.add_argument("--synthetic-tensors", action="store_true",
                help="random images and tokens made on the device: measures throughput without data loading")
 p.add_argument("--texts", type=int, default=None, help="M for --synthetic-tensors (default: K)")
 p.add_argument("--fault-nan-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: force a NaN loss
 args = p.parse_args()
-# resume: the run's own flags come back from the checkpoint; flags given now (other than defaults) win
+# resume: the run's own flags come back from the checkpoint; flags given now (other than defaults) win.
+# The default name spells out the ablation row (loss, preset, design, K, seed), so two rows never share a folder.
 ckpt = None
 name = args.name or f"{args.loss}-{args.model}-{args.branch_type}-k{args.branches or 'M'}-s{args.seed}"
 run_dir = os.path.join(args.logs_dir, name)
@@ -105,7 +115,8 @@ if args.resume:
     args = argparse.Namespace(**{**ckpt["args"], **given})
 
 # -----------------------------------------------------------------------------
-# distributed / device: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain run has none of them
+# distributed / device: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain run has none of them.
+# gloo on CPUs, nccl on GPUs (one per process, LOCAL_RANK picks it); the same code path otherwise.
 ddp = "RANK" in os.environ
 if ddp:
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -128,23 +139,36 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf
 
 
 def barrier():
+    """Wait for every rank (nothing to wait for in a plain run): after rank 0 alone wrote a file, say."""
     if ddp:
         dist.barrier()
 
 
 # -----------------------------------------------------------------------------
-# data: records -> tokenizer -> datasets. The default is the synthetic world, generated on first use.
-train_set = val_set = None
+# data: records -> tokenizer -> datasets -> epoch_batches(epoch, skip), one epoch of this rank's share at a
+# time. The default is the synthetic world, generated on first use. The image size and context length come
+# from the architecture (the checkpoint's when resuming), so the datasets exist before the model does.
+arch = ckpt["config"] if ckpt is not None else PRESETS[args.model]
 if args.synthetic_tensors:
-    M = args.texts or args.branches or 1
-    tokenizer = None
+    # throughput only: one random batch made on the device and reused every step; nothing is read or saved
+    M, tokenizer, vocab, val_set = args.texts or args.branches or 1, None, 49408, None  # 49408: openai's BPE
+    steps_per_epoch = 1000  # there are no epochs; this only numbers the steps
+
+    def epoch_batches(epoch, skip):
+        g = torch.Generator(device="cpu").manual_seed(args.seed + rank)
+        images = torch.randn(args.batch_size, 3, arch["image_size"], arch["image_size"], generator=g)
+        tokens = torch.randint(1, vocab - 2, (args.batch_size, M, arch["context_length"]), generator=g)
+        tokens[..., -1] = vocab - 1  # EOT (the largest id) at the end of every text
+        return itertools.repeat((images.to(device), tokens.to(device)), steps_per_epoch - skip)
 else:
+    # the synthetic world is written by rank 0 while the others wait: one copy, on the shared disk
     train_path = args.train_data or os.path.join("data", "shapes", "train.jsonl")
     if args.train_data is None and not os.path.exists(train_path):
         if master:
             print(f"generating the synthetic world in {os.path.dirname(train_path)} (first use)")
             make_world(os.path.dirname(train_path))
         barrier()
+    # M, the texts per image, comes from the data; the val split must have the same M
     val_path = args.val_data or os.path.join(os.path.dirname(train_path), "val.jsonl")
     read = dict(captions=args.captions, on_count=args.caption_count, skip_bad=args.skip_bad, sep=args.csv_separator)
     try:  # bad input stops here with FILE:LINE and the reason (or is skipped and counted with --skip-bad)
@@ -172,33 +196,40 @@ else:
             Tokenizer.train([c for r in train_records for c in r["caption"]], args.vocab_size).save(tok_path)
         barrier()
         tokenizer = Tokenizer.load(tok_path)
+    vocab = tokenizer.vocab_size
+    ds = dict(tokenizer=tokenizer, image_size=arch["image_size"], context_length=arch["context_length"],
+              seed=args.seed)
+    train_set = ImageTextDataset(train_records, train=True, **ds)  # all captions tokenised here, once
+    val_set = ImageTextDataset(val_records, **ds) if val_records else None
+    if master and tokenizer.truncated:
+        print(f"note: {tokenizer.truncated} captions were truncated to {arch['context_length']} tokens")
+    steps_per_epoch = len(train_set) // (args.batch_size * world)  # drop_last: full global batches only
+    assert steps_per_epoch > 0, f"{len(train_set)} records are fewer than one global batch of {args.batch_size * world}"
 
+    def epoch_batches(epoch, skip):
+        # the order is a function of (seed, epoch) and the skipped batches are never loaded: exact resume
+        return make_loader(train_set, args.batch_size, train=True, workers=args.workers, seed=args.seed,
+                           epoch=epoch, skip_batches=skip, pin_memory=device.type == "cuda")
+
+# K and the slots trained on follow from the loss: the three rows of the paper's main comparison
 K = 1 if args.loss in ("o2o", "o2m") else (args.branches or M)
 slots = 1 if args.loss == "o2o" else M  # o2o trains on caption slot 0 (the alt-text) only
+max_steps = args.max_steps or args.epochs * steps_per_epoch
 
 # -----------------------------------------------------------------------------
 # model: the architecture is a preset plus the flags; asdict(config) goes into every checkpoint
 if ckpt is not None:
     config = ModelConfig(**ckpt["config"])
 else:
-    vocab = tokenizer.vocab_size if tokenizer else 49408  # 49408 = openai/CLIP's vocabulary, for throughput
     config = ModelConfig(**{**PRESETS[args.model], "branches": K, "branch_type": args.branch_type,
                             "isolate_cls": args.isolate_cls, "vocab_size": vocab})
-model = HolisticCLIP(config).to(device)
+model = HolisticCLIP(config).to(device)  # init_weights runs here, after torch.manual_seed above
 raw_model = model  # unwrapped: saved, evaluated and clamped
-if not args.synthetic_tensors:
-    ds = dict(tokenizer=tokenizer, image_size=config.image_size, context_length=config.context_length, seed=args.seed)
-    train_set = ImageTextDataset(train_records, train=True, **ds)
-    val_set = ImageTextDataset(val_records, **ds) if val_records else None
-    if master and tokenizer.truncated:
-        print(f"note: {tokenizer.truncated} captions were truncated to {config.context_length} tokens")
-steps_per_epoch = (len(train_set) // (args.batch_size * world)) if train_set else 1000
-assert steps_per_epoch > 0, f"{len(train_set)} records are fewer than one global batch of {args.batch_size * world}"
-max_steps = args.max_steps or args.epochs * steps_per_epoch
 
 # -----------------------------------------------------------------------------
 # optimizer: AdamW (CLIP's betas and eps); decay only on matrices, not on gains, biases, logit_scale,
 # class or position embeddings
+# (a name ending in one of these: the K class tokens, both position tables and the temperature)
 no_decay = ("class_embedding", "positional_embedding", "logit_scale")
 params = [(n, q) for n, q in raw_model.named_parameters() if q.requires_grad]
 decays = {n: q.ndim >= 2 and not n.endswith(no_decay) for n, q in params}
@@ -219,19 +250,9 @@ if ckpt is not None:
     if master:
         print(f"resumed from step {step} of {max_steps}")
 
-
-def save_checkpoint(step):
-    """Write runs/NAME/ckpt.pt atomically: a crash mid-write never leaves a broken checkpoint."""
-    state = {"model": raw_model.state_dict(), "config": asdict(config), "optimizer": optimizer.state_dict(),
-             "tokenizer": tokenizer.to_dict() if tokenizer else None, "step": step,
-             "epoch": step // steps_per_epoch, "args": vars(args), "rng": {"cpu": torch.get_rng_state()}}
-    tmp = os.path.join(run_dir, "ckpt.pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(run_dir, "ckpt.pt"))
-
-
 # -----------------------------------------------------------------------------
-# compile / DDP
+# compile / DDP: compile the model first, then wrap it; raw_model stays the plain module. DDP averages the
+# gradients over ranks in backward; the loss itself already sees every rank's features (loss.gather).
 if use_compile:
     model = torch.compile(model)
 if ddp:
@@ -241,6 +262,7 @@ if ddp:
 # -----------------------------------------------------------------------------
 # schedule: linear warm-up then cosine to 0, computed from the step alone (so resume needs no state)
 def lr_at(step):
+    """The learning rate of (0-based) step `step`: linear to args.lr over args.warmup steps, then cosine."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, max_steps - args.warmup)
@@ -251,6 +273,7 @@ def lr_at(step):
 # start-up summary: the derived quantities a reader should check before a long run
 n_params = sum(q.numel() for q in raw_model.parameters())
 flops = flops_per_sample(config, slots)["total"] * 3  # forward + backward = 3 x forward, per image
+# MFU = model FLOPs per second over the device's peak: the convention of open_clip's profile (model.py)
 peaks = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121}  # dense bf16 TFLOP/s
 peak = args.peak_tflops or next((v for k, v in peaks.items()
                                  if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
@@ -264,21 +287,10 @@ if master:
           f"compile {use_compile} | steps {max_steps} ({steps_per_epoch}/epoch)")
 
 # -----------------------------------------------------------------------------
-# loop
+# the loop's helpers: stop signals, the health check, validation, checkpoints
 stop_signal = []  # SIGTERM / SIGINT: finish the current step, save, exit cleanly
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-
-
-def synthetic_batches():
-    """The same random batch forever, made on the device: a throughput measurement without data loading."""
-    g = torch.Generator(device="cpu").manual_seed(args.seed + rank)
-    images = torch.randn(args.batch_size, 3, config.image_size, config.image_size, generator=g).to(device)
-    tokens = torch.randint(1, config.vocab_size - 2, (args.batch_size, M, config.context_length), generator=g)
-    tokens[..., -1] = config.vocab_size - 1  # EOT (the largest id) at the end of every text
-    tokens = tokens.to(device)
-    while True:
-        yield images, tokens
 
 
 def to_host(x):
@@ -293,6 +305,32 @@ def to_host(x):
     return host, arrived
 
 
+pending = []  # (step, flags on the host, CUDA event): health checks still on their way to the host
+
+
+def health_check(loss, n, due):
+    """Whether to stop after step n's backward: None, "signal", or "non-finite loss at step S". Every rank
+    must agree, or the next step's collectives hang, so one tiny all-reduce carries (non-finite loss on any
+    rank, a signal on any rank). Reading it at once would make the CPU wait for the GPU every step, so it
+    is read one step later, and at once when step n is `due` (it logs, saves, evaluates or ends) or a stop
+    is decided: no checkpoint ever follows a non-finite step."""
+    flags = torch.stack([~torch.isfinite(loss.detach()), torch.full((), bool(stop_signal), device=device)])
+    if ddp:
+        flags = flags.float()  # NCCL and gloo reduce numbers, not booleans
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    pending.append((n, *to_host(flags)))
+    verdict = None
+    while pending and (due or verdict or pending[0][0] < n):  # earlier steps always; step n when due or stopping
+        checked, host, arrived = pending.pop(0)
+        if arrived is not None:
+            arrived.synchronize()  # waits for that step's flags only, not for the work queued since
+        if host[0]:
+            return f"non-finite loss at step {checked}"
+        if host[1]:
+            verdict = "signal"
+    return verdict
+
+
 def validate():
     """Retrieval on the val split (rank 0), then a barrier so the other ranks wait."""
     metrics = {}
@@ -305,20 +343,26 @@ def validate():
     return metrics
 
 
+def save_checkpoint(step):
+    """Write runs/NAME/ckpt.pt atomically: a crash mid-write never leaves a broken checkpoint."""
+    state = {"model": raw_model.state_dict(), "config": asdict(config), "optimizer": optimizer.state_dict(),
+             "tokenizer": tokenizer.to_dict() if tokenizer else None, "step": step,
+             "epoch": step // steps_per_epoch, "args": vars(args), "rng": {"cpu": torch.get_rng_state()}}
+    tmp = os.path.join(run_dir, "ckpt.pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(run_dir, "ckpt.pt"))
+
+
+# -----------------------------------------------------------------------------
+# loop: one epoch of batches at a time; a step is forward, loss, backward, health check, update, log, save
 stopped, last_saved = None, (step if ckpt is not None else None)  # the step ckpt.pt holds
-pending = []  # (step, flags on the host, CUDA event): health checks still on their way (to_host)
 bar = tqdm(total=max_steps, initial=step, disable=None if master else True, dynamic_ncols=True)
 metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
 t_log = time.time()
 while step < max_steps and stopped is None:
     epoch, skip = divmod(step, steps_per_epoch)
-    if args.synthetic_tensors:
-        batches = synthetic_batches()
-    else:
-        batches = make_loader(train_set, args.batch_size, train=True, workers=args.workers, seed=args.seed,
-                              epoch=epoch, skip_batches=skip, pin_memory=device.type == "cuda")
-    for images, tokens in batches:
-        # one step: forward (autocast), loss on fp32 unit vectors, backward, clip, AdamW, clamp the scale
+    for images, tokens in epoch_batches(epoch, skip):
+        # forward (autocast), the loss on fp32 unit vectors, backward. o2o keeps only caption slot 0.
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -333,36 +377,20 @@ while step < max_steps and stopped is None:
             loss = loss * float("nan")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # health check: every rank must agree on stopping, or the next step's collectives hang, so one tiny
-        # all-reduce carries (non-finite loss on any rank, a signal on any rank). Reading it at once would
-        # make the CPU wait for the GPU every step; it is read one step later instead (to_host), and at
-        # once on the steps that log, save, evaluate or end, so no checkpoint ever follows a bad update
-        flags = torch.stack([~torch.isfinite(loss.detach()), torch.full((), bool(stop_signal), device=device)])
-        if ddp:
-            flags = flags.float()  # NCCL and gloo reduce numbers, not booleans
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         n = step + 1  # this step's number once done
-        pending.append((n, *to_host(flags)))
+        # due: a step whose end is observed (a log line, a checkpoint, an evaluation, the end of the run)
         due = (n % args.log_every == 0 or n % args.save_every == 0 or n == max_steps or n == args.stop_at_step
                or (args.eval_every and n % args.eval_every == 0))
-        # earlier steps' flags always; this step's too when due, or once a stop is decided (it saves)
-        while pending and (due or stopped or pending[0][0] <= step):
-            checked, host, arrived = pending.pop(0)
-            if arrived is not None:
-                arrived.synchronize()  # waits for that step's flags only, not for the work queued since
-            if host[0]:
-                stopped = f"non-finite loss at step {checked}"
-                break
-            if host[1]:
-                stopped = "signal"
+        stopped = health_check(loss, n, due)
         if stopped and stopped.startswith("non-finite"):
             break  # before this step's update (the bad one itself when due): ckpt.pt keeps the last good state
         if n == args.stop_at_step and not stopped:
             stopped = f"--stop-at-step {n}"
+        # the update: clip, AdamW, and CLIP's clamp (the temperature never goes below 1/100)
         if args.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip_norm)
         optimizer.step()
-        with torch.no_grad():  # CLIP's clamp: the temperature never goes below 1/100
+        with torch.no_grad():
             raw_model.logit_scale.clamp_(0, math.log(100))
         step += 1
         bar.update(1)
@@ -373,6 +401,7 @@ while step < max_steps and stopped is None:
             if ddp:
                 dist.all_reduce(parts)  # sum (gloo has no AVG)
                 parts /= world
+            # the wall time per step since the last log line (the first window includes start-up)
             dt = (time.time() - t_log) / (step % args.log_every or args.log_every)
             t_log = time.time()
             ips = args.batch_size * world / dt
@@ -394,6 +423,7 @@ while step < max_steps and stopped is None:
             if master and val:
                 bar.write("  val " + " | ".join(f"{k[4:]} {v:.1f}" for k, v in val.items()))
                 metrics_file.write(json.dumps({"step": step, **val}) + "\n")
+        # a throughput run (--synthetic-tensors) writes no checkpoint: there is nothing to resume from
         if master and not args.synthetic_tensors and (stopped or step % args.save_every == 0 or step == max_steps):
             save_checkpoint(step)
             last_saved = step
@@ -402,7 +432,8 @@ while step < max_steps and stopped is None:
 bar.close()
 
 # -----------------------------------------------------------------------------
-# cleanup: a clean stop says where it stopped; a non-finite loss exits non-zero with the step named
+# cleanup: a clean stop says where it stopped; a non-finite loss exits non-zero with the step named;
+# a finished run ends with the full evaluation table, appended to results.jsonl
 if stopped and stopped.startswith("non-finite"):
     kept = f"{run_dir}/ckpt.pt still holds step {last_saved}" if last_saved is not None else "no checkpoint yet"
     print(f"stopping: {stopped}; {kept}", file=sys.stderr)

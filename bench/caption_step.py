@@ -1,5 +1,5 @@
 """caption.py's training step on the CPU: what the stem's layer order, its memory layout and the optimizer
-cost, side by side in one run (README, caption.py). The captioner is `caption.py train`'s default (tiny
+cost, side by side in one run (results/captioner.md). The captioner is `caption.py train`'s default (tiny
 tower: the conv stem and no ViT block; decoder width 128, 1 block; the five prompts), or as --vision-layers and
 --layers say, on random images and the first --batch-size records' texts of --data.
 

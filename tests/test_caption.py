@@ -1,4 +1,5 @@
-"""Tests of caption.py, the captioning stage, on a toy world (about 30 s on 2 CPU cores):
+"""Tests of caption.py, the captioning stage, and of its scorer bench/caption_score.py, on a toy world
+(about 30 s on 2 CPU cores):
 
     python -m pytest -q tests/test_caption.py
 
@@ -6,6 +7,7 @@ A micro captioner is trained to write one fixed text per prompt, so what it must
 resumed, the two-rank and the single-process generation runs are compared with each other; cleaning
 and scoring are checked on hand-made strings and records with known answers.
 """
+import importlib.util
 import json
 import os
 import random
@@ -21,8 +23,13 @@ sys.path.insert(0, ROOT)
 import caption  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
+from prepare import world  # noqa: E402
 
-# one fixed text per slot, in the world's own words (so score can read them); slot 0 keeps the alt-text
+spec = importlib.util.spec_from_file_location("caption_score", os.path.join(ROOT, "bench", "caption_score.py"))
+caption_score = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(caption_score)
+
+# one fixed text per slot, in the world's own words (so caption_score can read them); slot 0 keeps the alt-text
 FIXED = {"detail": "a small red circle at the top left on a blue plain background, vivid style",
          "nouns": "star, ring", "background": "a green dots background", "main": "a large pink heart",
          "style": "a pastel style picture"}
@@ -46,7 +53,7 @@ def toy(tmp_path_factory):
     """A 24 + 8 image world whose training texts are FIXED per slot, and two micro captioners trained on
     it: cap (FIXED) and cap2 (FIXED with another detail text, for gadget 2)."""
     root = tmp_path_factory.mktemp("toy")
-    data.make_world(str(root), train_size=24, val_size=8, image_size=32, seed=1, vocab_size=300)
+    world.make_world(str(root), train_size=24, val_size=8, image_size=32, seed=1, vocab_size=300)
     records = [json.loads(line) for line in open(root / "train.jsonl")]
     vision_layers = {"cap": "0", "cap2": "1"}  # the default tower (the conv stem alone) and one ViT block
     for name, texts in (("cap", FIXED), ("cap2", {**FIXED, "detail": DETAIL2})):
@@ -168,7 +175,7 @@ def test_cleaning_rules():
 def test_ground_truth_texts_are_never_degenerate():
     rng = random.Random(0)
     for _ in range(300):
-        assert not any(caption.degenerate(t) for t in data.scene_texts(data.sample_scene(rng), rng))
+        assert not any(caption.degenerate(t) for t in world.scene_texts(world.sample_scene(rng), rng))
 
 
 class Scripted:
@@ -209,7 +216,7 @@ def test_fallback_chain():
 
 
 # ----------------------------------------------------------------------------------------------------
-# score
+# caption_score: bench/caption_score.py, the scorer of generated texts
 
 
 def test_score_known_accuracy(tmp_path):
@@ -239,15 +246,23 @@ def test_score_diversity(tmp_path):
 
 
 def score(folder, scene, captions, *slots):
-    """caption.py score on generated records with `captions`, against truth records with `scene`."""
+    """bench/caption_score.py on generated records with `captions`, against truth records with `scene`."""
     for name, records in (("truth.jsonl", [{"image": f"{i}.png", "caption": "x", "scene": scene} for i in
                                            range(len(captions))]),
                           ("gen.jsonl", [{"image": f"{i}.png", "caption": c} for i, c in enumerate(captions)])):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return caption.main(["score", "--data", str(folder / "gen.jsonl"), "--truth", str(folder / "truth.jsonl")]
-                        + (["--slots", *slots] if slots else []))
+    return caption_score.main(["--data", str(folder / "gen.jsonl"), "--truth", str(folder / "truth.jsonl")]
+                              + (["--slots", *slots] if slots else []))
 
 
 def test_score_of_ground_truth_is_perfect(toy):
-    results = caption.main(["score", "--data", str(toy / "val.jsonl"), "--truth", str(toy / "val.jsonl")])
+    results = caption_score.main(["--data", str(toy / "val.jsonl"), "--truth", str(toy / "val.jsonl")])
     assert all(v == 1.0 for k, v in results.items() if k.startswith("slot"))
+
+
+def test_help_names_train_and_generate_only(capsys):
+    """The scorer lives in bench/caption_score.py: caption.py's --help points there and has no score command."""
+    with pytest.raises(SystemExit) as stop:
+        caption.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert stop.value.code == 0 and "{train,generate}" in help_text and "bench/caption_score.py" in help_text

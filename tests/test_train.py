@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from data import make_world
+from prepare.world import make_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,170 @@
+"""Tests of prepare/world.py, the synthetic world: same seed, same bytes (also for a sample made in this process);
+every attribute the texts name is measured from the pixels (colours, background, pattern, style, masks, the main
+object's position and size); the texts are consistent with the labels, and the alt-text is myopic.
+
+    python -m pytest -q tests/test_world.py
+"""
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data import load_image, read_records
+import prepare.world
+from prepare.world import (COLOURS, PATTERNS, POSITIONS, SHAPES, SLOTS, STYLES, make_world, render_scene, sample_scene,
+                           scene_labels, scene_masks, scene_texts)
+
+
+def random_scenes(n, seed=0, S=64):
+    rng = random.Random(seed)
+    return [sample_scene(rng, S) for _ in range(n)]
+
+
+def pixels(scene):
+    return np.asarray(render_scene(scene), np.float64)  # (S, S, 3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    make_world(str(out), train_size=24, val_size=8, seed=1)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the world on disk
+
+def test_same_seed_same_bytes(world, tmp_path):
+    make_world(str(tmp_path / "a"), train_size=24, val_size=8, seed=1)  # a second run, elsewhere
+    make_world(str(tmp_path / "b"), train_size=24, val_size=8, seed=2)
+    for name in ["train.jsonl", "val.jsonl", "tokenizer.json"] + [f"images/{i:06d}.png" for i in range(32)]:
+        assert (world / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+    assert (world / "train.jsonl").read_bytes() != (tmp_path / "b" / "train.jsonl").read_bytes()
+    alone = prepare.world._make_sample((5, 1, 64, str(tmp_path / "b")))  # made in this process, not a worker
+    assert json.dumps(alone) + "\n" == (world / "train.jsonl").read_text().splitlines(keepends=True)[5]
+
+
+def test_records_on_disk_match_their_scenes(world):
+    train, val = read_records(world / "train.jsonl", captions=6), read_records(world / "val.jsonl", captions=6)
+    assert (len(train), len(val)) == (24, 8)
+    for r in train + val:
+        assert np.array_equal(np.asarray(load_image(r["image"])), np.asarray(render_scene(r["scene"])))  # lossless
+        assert r["labels"] == scene_labels(r["scene"])
+
+
+def eroded(mask):
+    """The mask minus its 1-pixel rim (blur mixes the rim with the neighbours); the mask itself if nothing is left."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner if inner.any() else mask
+
+
+def test_object_colours_visible():
+    """Each object's mean colour is nearest to its own named colour, among all named colours rendered in the same
+    style (a swatch: a plain background of that colour with no objects)."""
+    hits = Counter()
+    for scene in random_scenes(300):
+        swatches = {c: pixels({**scene, "background": {"colour": c, "pattern": "plain"}, "objects": []}).mean((0, 1))
+                    for c in COLOURS}
+        x, masks = pixels(scene), scene_masks(scene)
+        for i, obj in enumerate(scene["objects"]):
+            mean = x[eroded(masks == i + 1)].mean(0)
+            nearest = min(swatches, key=lambda c: np.linalg.norm(swatches[c] - mean))
+            hits[scene["style"], nearest == obj["colour"]] += 1
+    for style in STYLES:
+        assert hits[style, False] == 0, (style, hits)
+
+
+def test_background_colour_visible():
+    for scene in random_scenes(200):
+        if scene["background"]["pattern"] in ("plain", "dots"):
+            swatches = {c: pixels({**scene, "background": {"colour": c, "pattern": "plain"}, "objects": []})
+                        .mean((0, 1)) for c in COLOURS}
+            median = np.median(pixels(scene)[scene_masks(scene) == 0], 0)  # the dots are a minority
+            assert min(swatches, key=lambda c: np.linalg.norm(swatches[c] - median)) == scene["background"]["colour"]
+
+
+def test_patterns_visible():
+    """Without objects and in the vivid style: plain is flat, stripes vary only across x, the gradient only along y
+    (in small steps), checker and dots along both (checker half second tone, dots a minority)."""
+    for colour in COLOURS:
+        for pattern in PATTERNS:
+            scene = {"image_size": 64, "background": {"colour": colour, "pattern": pattern}, "style": "vivid",
+                     "seed": 0, "objects": []}
+            x = pixels(scene)
+            flat_x, flat_y = np.all(x == x[:, :1]), np.all(x == x[:1])  # constant along x / along y
+            other = np.any(x != x[0, 0], axis=-1).mean()  # share of pixels in the second tone
+            if pattern == "plain":
+                assert x.std((0, 1)).max() == 0
+            elif pattern == "stripes":
+                assert flat_y and not flat_x and x.std((0, 1)).max() > 20
+            elif pattern == "gradient":
+                assert flat_x and not flat_y and np.abs(np.diff(x, axis=0)).max() < 10
+            else:
+                assert not flat_x and not flat_y and x.std((0, 1)).max() > 20
+                assert 0.4 < other < 0.6 if pattern == "checker" else 0.05 < other < 0.35, (pattern, other)
+
+
+def high_freq(x):
+    return np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()
+
+
+def test_styles_visible():
+    for scene in random_scenes(30):
+        x = {s: pixels({**scene, "style": s}) for s in STYLES}
+        assert x["dark"].mean() < x["vivid"].mean() < x["pastel"].mean()
+        assert high_freq(x["blurred"]) < high_freq(x["vivid"]) < high_freq(x["noisy"])
+
+
+def test_masks_are_the_painted_pixels():
+    for scene in random_scenes(100):
+        scene = {**scene, "style": "vivid"}  # no style: the painted colours are exact
+        x, masks = pixels(scene), scene_masks(scene)
+        assert np.array_equal(x[masks == 0], np.rint(prepare.world.background(scene))[masks == 0])
+        for i, obj in enumerate(scene["objects"]):
+            assert (masks == i + 1).sum() > 20  # drawn and never hidden by the objects above it
+            assert np.all(x[masks == i + 1] == COLOURS[obj["colour"]])
+
+
+def test_main_object_position_and_size_visible():
+    sides = {"small": [], "large": []}
+    for scene in random_scenes(300):
+        main = prepare.world.main_object(scene)
+        ys, xs = np.nonzero(scene_masks(scene) == scene["objects"].index(main) + 1)
+        cell = int(ys.mean() // (64 / 3)) * 3 + int(xs.mean() // (64 / 3))  # 3 x 3 grid cell of the centroid
+        assert POSITIONS[cell] == main["position"]
+        sides[main["size"]].append(max(np.ptp(ys), np.ptp(xs)) + 1)
+    assert max(sides["small"]) + 5 < min(sides["large"]), sides  # a visible gap between the two sizes
+
+
+def test_main_object_tie_rule():
+    objects = [{"shape": s, "colour": c, "size": z, "position": "centre", "box": [20, 20, 40, 40]}
+               for s, c, z in [("star", "red", "small"), ("ring", "blue", "large"), ("cross", "pink", "large")]]
+    scene = {"image_size": 64, "background": {"colour": "white", "pattern": "plain"}, "style": "vivid", "seed": 0,
+             "objects": objects}
+    assert scene_labels(scene)["main_shape"] == "ring"  # the largest; among equals the first drawn
+
+
+def test_texts_consistent_with_labels():
+    rng = random.Random(0)
+    alts = Counter()
+    for scene in random_scenes(500):
+        texts, labels = scene_texts(scene, rng), scene_labels(scene)
+        assert len(texts) == len(SLOTS) and all(t.strip() for t in texts)
+        alt, detail, nouns, background, main, style = texts
+        assert len(alt.split()) <= 3
+        alts[any(o["shape"] in alt for o in scene["objects"])] += 1
+        for o in scene["objects"]:
+            assert f"{o['size']} {o['colour']} {o['shape']} at {o['position']}" in detail
+            assert o["shape"] in nouns
+        assert len(nouns.split(",")) == len(scene["objects"])
+        assert f"{labels['bg_colour']} {labels['bg_pattern']}" in detail and labels["style"] in detail
+        assert labels["bg_colour"] in background and labels["bg_pattern"] in background
+        assert f"{labels['main_colour']} {labels['main_shape']}" in main
+        assert labels["style"] in style and not any(s in style for s in SHAPES)
+    assert 0.2 < alts[True] / 500 < 0.6  # the alt-text names an object only sometimes: myopic
