@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -189,12 +190,19 @@ class Captioner(nn.Module):
         return torch.stack(out, 1)
 
 
-def load_captioner(path, device):
-    """captioner.pt (written by train) -> (the Captioner in eval mode on `device`, its tokenizer)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net = Captioner(CaptionerConfig(**ckpt["config"]))
-    net.load_state_dict(ckpt["model"])
-    return net.to(device).eval(), data.Tokenizer.from_dict(ckpt["tokenizer"])
+def load_captioner(path, device, prompts):
+    """captioner.pt (written by train) -> (the Captioner in eval mode on `device`, its tokenizer). Any other file
+    (text, a truncated copy, train.py's ckpt.pt) or a captioner not trained on all of `prompts`: a DataError
+    naming the file, whose message the command line prints (exit 1)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        net, tok = Captioner(CaptionerConfig(**ckpt["config"])), data.Tokenizer.from_dict(ckpt["tokenizer"])
+        net.load_state_dict(ckpt["model"])
+    except Exception as e:  # unpickling, zip, missing key, config or weights of another model: its first sentence
+        raise data.DataError(f"{path}: not a captioner checkpoint ({type(e).__name__}: {str(e).split('. ')[0][:160]})")
+    if missing := [p for p in prompts if p not in net.config.prompts]:
+        raise data.DataError(f"{path}: trained on prompts {net.config.prompts}, not {missing}: see --prompts")
+    return net.to(device).eval(), tok
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,11 +240,10 @@ def train(args):
     """Teach a Captioner the --prompts from the texts in their --slots of --data, every prompt on every
     image of a batch; write OUT/captioner.pt (config, weights, tokenizer) at the end."""
     torch.manual_seed(args.seed)
-    records = data.read_records(args.data)
+    records = data.check_images(args.data, data.read_records(args.data))  # a bad image stops here, not midway
     slots, prompts = args.slots.split(","), args.prompts.split(",")
-    assert 0 < args.cooldown <= 1, f"--cooldown is a fraction of the run in (0, 1], got {args.cooldown}"
-    for p in prompts:
-        assert p in PROMPTS and p in slots, f"prompt {p!r} must be in PROMPTS and in --slots {slots}"
+    if len(records) < args.batch_size:  # make_loader drops the last partial batch: no step would ever run
+        sys.exit(f"error: {args.data}: {len(records)} images, fewer than --batch-size {args.batch_size}: lower it")
     tok = data.Tokenizer.beside(args.data, records, args.vocab_size)  # the world writes its tokenizer.json
     vision = vision_config(args.model, args.vision_layers, tok.vocab_size, args.conv_stem)
     config = CaptionerConfig(vision, prompts, tok.vocab_size, args.context_length, args.width, args.layers, args.heads)
@@ -244,8 +251,8 @@ def train(args):
     # the data: each record's M texts, prompt j's in caption slot columns[j]. No augmentation: a crop
     # could move an object across a position boundary ("top left")
     dataset = data.ImageTextDataset(records, tok, vision["image_size"], train=False, context_length=args.context_length)
-    M = dataset.tokens.shape[1]
-    assert M == len(slots), f"{args.data}: records have {M} captions, --slots names {len(slots)}"
+    if dataset.tokens.shape[1] != len(slots):
+        sys.exit(f"error: {args.data}: records have {dataset.tokens.shape[1]} captions, --slots names {len(slots)}")
     columns = [slots.index(p) for p in prompts]  # caption slot of each prompt
     # AdamW, weight decay on matrices and embeddings only (not on gains and biases), as in train.py
     decay, rest = [p for p in net.parameters() if p.dim() >= 2], [p for p in net.parameters() if p.dim() < 2]
@@ -256,7 +263,7 @@ def train(args):
     print(f"captioner: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(records)} images, "
           f"prompts {prompts} at slots {columns}, B = {args.batch_size}, at most {max_steps} steps"
           + (f" or {args.max_minutes} minutes" if args.max_minutes else ""))
-    warmup = min(100, max_steps // 10)
+    warmup = max(1, min(100, max_steps // 10))  # at least one step: runs of 1..9 steps
     # progress in [0, 1]: the step fraction, or the time fraction when --max-minutes ends the run first,
     # so a run cut by the clock still ends with its learning rate annealed
     step, epoch, progress, start = 0, 0, 0.0, time.time()
@@ -269,6 +276,8 @@ def train(args):
                 group["lr"] = lr
             images, tokens = images.to(args.device), tokens.to(args.device)  # (B, 3, S, S), (B, M, T)
             loss = prompts_loss(net, images, tokens, columns)
+            if not loss.isfinite():  # a diverged run stops at once: nothing written, nothing to resume from
+                sys.exit(f"error: non-finite loss at step {step + 1} ({loss.item()}): lower --lr (now {args.lr:g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -284,7 +293,9 @@ def train(args):
                 break
         epoch += 1
     bar.close()
-    # the checkpoint: everything generate needs to rebuild the captioner and its tokenizer
+    # the checkpoint: everything generate needs to rebuild the captioner and its tokenizer; never a broken one
+    if bad := [k for k, v in net.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]:
+        sys.exit(f"error: {len(bad)} non-finite tensors after step {step} (e.g. {bad[0]}): not written; lower --lr")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "captioner.pt")
     torch.save({"config": asdict(config), "model": net.state_dict(), "tokenizer": tok.to_dict(),
@@ -380,13 +391,10 @@ def generate(args):
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     torch.manual_seed(args.seed + rank)  # the ranks sample differently
     # the captioners, each with the image transform of its own tower
-    nets = [load_captioner(path, args.device) for path in args.ckpt]
-    transforms = [data.image_transform(net.config.vision["image_size"], train=False) for net, _ in nets]
     prompts = args.prompts.split(",")
-    for path, (net, _) in zip(args.ckpt, nets):
-        for p in prompts:
-            assert p in net.config.prompts, f"{path} was trained on prompts {net.config.prompts}, not {p!r}"
-    records = data.read_records(args.data)
+    nets = [load_captioner(path, args.device, prompts) for path in args.ckpt]
+    transforms = [data.image_transform(net.config.vision["image_size"], train=False) for net, _ in nets]
+    records = data.check_images(args.data, data.read_records(args.data))  # a bad image stops here, not midway
     out_dir = os.path.dirname(os.path.abspath(args.out))
     for r in records:  # image paths relative to the output file, so it reads from anywhere
         r["image_path"], r["image"] = r["image"], os.path.relpath(r["image"], out_dir)
@@ -421,7 +429,25 @@ def generate(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# command line
+# command line: the flags, their checks (exit 1 with a message, like every bad input)
+
+def check_flags(args):
+    """The flag-validation layer, right after parsing: {problem: whether it holds}; every value that cannot work
+    stops here with all the problems, before any work (0 steps or minutes would run 3,000 steps, -1 forever).
+    What needs the data is checked where it is read: --batch-size against the images, --slots against the captions."""
+    problems = {f"--batch-size {args.batch_size}: must be >= 1": args.batch_size < 1}
+    if args.command == "train":
+        problems |= {f"--max-steps {args.max_steps}: must be >= 1": args.max_steps is not None and args.max_steps < 1,
+                     f"--max-minutes {args.max_minutes}: must be > 0":
+                         args.max_minutes is not None and not args.max_minutes > 0,
+                     f"--cooldown {args.cooldown}: must be a fraction of the run in (0, 1]": not 0 < args.cooldown <= 1,
+                     f"--prompts {args.prompts}: each must be in PROMPTS {list(PROMPTS)} and in --slots {args.slots}":
+                         any(p not in PROMPTS or p not in args.slots.split(",") for p in args.prompts.split(","))}
+    else:  # generate appends to --out: --data itself (any spelling of its path) would lose its ground truth
+        problems["--out is --data: choose another --out"] = os.path.realpath(args.out) == os.path.realpath(args.data)
+    if any(problems.values()):
+        sys.exit("error: " + "; ".join(message for message, bad in problems.items() if bad))
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -463,7 +489,11 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=0, help="sampling (temperature > 0 and the retries)")
     g.add_argument("--device", default="cpu", help="cpu, cuda (= cuda:LOCAL_RANK under torchrun), cuda:1")
     args = parser.parse_args(argv)
-    return {"train": train, "generate": generate}[args.command](args)
+    check_flags(args)
+    try:
+        return {"train": train, "generate": generate}[args.command](args)
+    except data.DataError as e:  # a bad input file: its message names it (and the line), no traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

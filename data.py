@@ -19,13 +19,18 @@ Reading order: records, tokenizer, images and loader, writing a dataset and read
 Letters: B images per rank, W world size, M texts per image, T text tokens, S image side in pixels, V vocabulary.
 """
 import argparse
+import contextlib
 import csv
+import functools
 import heapq
 import json
 import math
+import multiprocessing
 import os
 import re
+import stat
 import sys
+import warnings
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -65,6 +70,10 @@ def _record(text, sep, header, folder):
         raise DataError("empty caption")
     if not isinstance(rec["image"], str) or not rec["image"]:
         raise DataError("'image' must be a non-empty path")
+    # JSON may escape a lone surrogate ("\ud800"): no file name and no tokenizer takes one
+    for what, text in [("'image'", rec["image"])] + [(f"caption {m + 1}", c) for m, c in enumerate(caption)]:
+        if hit := re.search("[\ud800-\udfff]", text):
+            raise DataError(f"{what} cannot be encoded as UTF-8 (a lone surrogate at character {hit.start() + 1})")
     return {**rec, "image": os.path.join(folder, rec["image"]), "caption": caption}
 
 
@@ -72,7 +81,8 @@ def _parse_records(path, sep=None):
     """Yield (line, record or DataError naming FILE:LINE) for every non-blank line; the caller raises or counts.
     Shared by read_records (which may pad or drop) and check (which also opens every image)."""
     sep = sep or {".csv": ",", ".tsv": "\t"}.get(os.path.splitext(path)[1].lower())  # None: jsonl
-    folder, header = os.path.dirname(os.path.abspath(path)), None
+    # relative image paths start in the data's own folder: for a symlinked file, that of the file it points to
+    folder, header = os.path.dirname(os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)), None
     # line numbers are physical lines from 1, blank lines included, so FILE:LINE opens at the right place
     with open(path, "rb") as f:  # bytes: a non-UTF-8 line is an error of that line, not of the whole file
         for line, raw in enumerate(f, 1):
@@ -96,13 +106,16 @@ def _parse_records(path, sep=None):
 
 
 def read_records(path, captions=None, on_count="error", skip_bad=False, sep=None):
-    """Records with absolute "image", "caption" (list of M str) and "line". captions = expected M (None: any);
-    a count other than M is an error, or with on_count="pad" repeats the captions cyclically up to M (and cuts
-    longer lists), or with on_count="drop" drops the record. skip_bad: skip and count bad records instead."""
+    """Records with absolute "image", "caption" (list of M str) and "line". captions = expected M (None: the
+    count of the first good record); a count other than M is an error, or with on_count="pad" repeats the captions
+    cyclically up to M (and cuts longer lists), or with on_count="drop" drops the record. skip_bad: skip and count
+    bad records instead. No record at all is a DataError too: "FILE: no records" or "FILE: no records left: ..."."""
     assert on_count in ("error", "pad", "drop"), on_count
-    records, bad, dropped, padded = [], 0, 0, 0
+    records, skipped, dropped, padded, first = [], [], 0, 0, None
     for line, rec in _parse_records(path, sep):
-        if isinstance(rec, dict) and captions is not None and len(rec["caption"]) != captions:
+        if isinstance(rec, dict) and captions is None:  # one M for all records: the first good one sets it
+            captions, first = len(rec["caption"]), line
+        if isinstance(rec, dict) and len(rec["caption"]) != captions:
             n = len(rec["caption"])
             if on_count == "drop":
                 dropped += 1
@@ -112,28 +125,60 @@ def read_records(path, captions=None, on_count="error", skip_bad=False, sep=None
                 rec["caption"] = [rec["caption"][m % n] for m in range(captions)]
                 padded += 1
             else:
-                rec = DataError(f"{path}:{line}: {n} captions, expected {captions} (see on_count: pad or drop)")
-        # bad: the parser's own error, or the count error above
-        if isinstance(rec, DataError):
-            if not skip_bad:
-                raise rec
-            bad += 1
-            continue
-        records.append(rec)
-    if bad or dropped or padded:  # nothing silent: one summary line
-        print(f"{path}: {len(records)} records kept, {bad} bad skipped, {dropped} dropped and {padded} padded "
+                of = f"the count of line {first}; " if first else ""
+                rec = DataError(f"{path}:{line}: {n} captions, expected {captions} ({of}see on_count: pad or drop)")
+        if isinstance(rec, DataError) and not skip_bad:  # the parser's own error, or the count error above
+            raise rec
+        (records if isinstance(rec, dict) else skipped).append(rec)
+    if not records:  # an empty list would only fail later (IndexError), far from its cause
+        why = (f"no records left: {len(skipped)} bad skipped, {dropped} dropped for caption count {captions}"
+               if skipped or dropped else "no records (an empty file, blank lines or a header only)")
+        raise DataError(f"{path}: {why}")
+    if skipped or dropped or padded:  # nothing silent: one summary line
+        print(f"{path}: {len(records)} records kept, {len(skipped)} bad skipped, {dropped} dropped and {padded} padded "
               f"for caption count {captions}", file=sys.stderr)
     return records
 
 
-def load_image(path):
-    """An RGB PIL image; DataError naming the path when the file is missing or cannot be decoded."""
+def load_image(path, verify=False):
+    """An RGB PIL image, else DataError "PATH: cannot read image (reason)". Nothing blocks or blows up: only a
+    regular non-empty file is opened (a FIFO blocks open() until a writer comes), of at most MAX_IMAGE_PIXELS
+    (above, Pillow warns up to twice that and decodes). verify: only open and verify (PNG: every chunk's checksum,
+    nothing decoded) and return the message or None."""
     try:
-        # convert() decodes the whole file before the with closes it; grey, palette and RGBA all become RGB
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+        st = os.stat(path)  # follows symbolic links
+        why = (None if stat.S_ISREG(st.st_mode) and st.st_size else "an empty file" if stat.S_ISREG(st.st_mode)
+               else f"not a regular file but {'a directory' if stat.S_ISDIR(st.st_mode) else 'a FIFO or device'}")
+    except OSError as e:  # FileNotFoundError: missing, or a symbolic link to something missing
+        why = "a dangling symbolic link" if os.path.islink(path) else f"{type(e).__name__}: {e.strerror}"
+    # the bomb warning is raised as an error, so such an image is never decoded
+    with warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning):
+        try:
+            if why is None:
+                with Image.open(path) as image:  # convert() decodes all before the file closes; any mode -> RGB
+                    return image.verify() if verify else image.convert("RGB")  # verify() returns None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            why = f"{type(e).__name__}: {e}"
+    if verify:
+        return f"{path}: cannot read image ({why})"
+    raise DataError(f"{path}: cannot read image ({why})")
+
+
+def check_images(path, records, skip_bad=False, workers=2):
+    """The records whose image opens and verifies (load_image), in input order; `path`: their file. A bad image
+    raises DataError "FILE:LINE: IMAGE: cannot read image (reason)", or with skip_bad is skipped and counted in one
+    line on stderr that names the first. workers > 1: a pool of that many processes (fork); else this process."""
+    images, verify = [r["image"] for r in records], functools.partial(load_image, verify=True)  # message or None
+    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        errors = list(tqdm(pool.imap(verify, images, chunksize=16) if pool else map(verify, images),
+                           total=len(images), desc="images", disable=None))  # imap keeps the order
+    bad = [DataError(f"{path}:{r['line']}: {e}") for r, e in zip(records, errors) if e]
+    kept, what = [r for r, e in zip(records, errors) if e is None], f"{len(bad)} with a bad image skipped"
+    if bad and not (skip_bad and kept):  # the first bad image, or none left
+        raise DataError(f"{path}: no records left: {what} (the first: {bad[0]})") if skip_bad else bad[0]
+    if bad:
+        print(f"{path}: {len(kept)} records kept, {what} (the first: {bad[0]})", file=sys.stderr)
+    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -160,6 +205,11 @@ def _write_atomic(path, text):
     with open(f"{path}.tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(f"{path}.tmp", path)
+
+
+def tokenizer_path(data_path):
+    """The data's own tokenizer.json: beside the real file (a symlinked jsonl's target, as its images), not the link."""
+    return os.path.join(os.path.dirname(os.path.realpath(data_path)), "tokenizer.json")
 
 
 class Tokenizer:
@@ -262,21 +312,36 @@ class Tokenizer:
 
     @classmethod
     def from_dict(cls, d):
-        """The inverse of to_dict: train.py, eval.py and caption.py rebuild the tokenizer of a checkpoint."""
-        return cls(d["merges"], d["vocab_size"])
+        """The inverse of to_dict: train.py, eval.py and caption.py rebuild the tokenizer of a checkpoint. DataError
+        "not a tokenizer: ..." when `d` is not one (merge k makes id 257 + k from two ids made before it)."""
+        if not isinstance(d, dict) or not {"vocab_size", "merges"} <= d.keys():
+            raise DataError("not a tokenizer: it needs 'vocab_size' and 'merges' keys")
+        V, merges = d["vocab_size"], d["merges"]
+        for k, p in enumerate(merges if isinstance(merges, list) else [merges]):
+            if not (type(p) in (list, tuple) and len(p) == 2 and all(type(i) is int and 0 < i < 257 + k for i in p)):
+                raise DataError(f"not a tokenizer: merges must be pairs of earlier ids: merge {k} is {p!r}")
+        if type(V) is not int or len(merges) > V - 259:  # + 259: PAD, 256 bytes, SOT and EOT
+            raise DataError(f"not a tokenizer: vocab_size must be an integer, got {V!r}" if type(V) is not int else
+                            f"not a tokenizer: vocab_size {V} is too small for {len(merges)} merges")
+        return cls(merges, V)
 
     def save(self, path):
         _write_atomic(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path):
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """A tokenizer.json written by save; DataError "PATH: not a tokenizer: ..." says what is wrong."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except ValueError as e:  # from_dict's DataError, or not JSON, or not UTF-8 (UnicodeDecodeError)
+            why = e if isinstance(e, DataError) else f"not a tokenizer: not JSON ({e})"
+        raise DataError(f"{path}: {why}")
 
     @classmethod
     def beside(cls, data_path, records, vocab_size=1024):
-        """The tokenizer.json beside a dataset file (the data's own), else a new one trained on its captions."""
-        path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "tokenizer.json")
+        """The data's own tokenizer.json (tokenizer_path), else a new one trained on its captions."""
+        path = tokenizer_path(data_path)
         return (cls.load(path) if os.path.exists(path)
                 else cls.train([c for r in records for c in r["caption"]], vocab_size))
 
@@ -377,40 +442,36 @@ def print_summary(out, slots):
     print(f"tokenizer: {tok.vocab_size} ids ({len(tok.merges)} merges); train caption lengths:")
     print_lengths(train, tok, slots)
     print(f"example record (train.jsonl line 1): image {os.path.relpath(train[0]['image'], out)}")
-    for slot, text in zip(slots, train[0]["caption"]):
-        print(f"  {slot:<11} {text}")
-    for key, value in train[0].items():
-        if key not in ("image", "caption", "line"):
-            print(f"  {key:<11} {json.dumps(value)}")
+    extra = [(key, json.dumps(value)) for key, value in train[0].items() if key not in ("image", "caption", "line")]
+    for name, text in [*zip(slots, train[0]["caption"]), *extra]:  # the texts by slot, then the other keys
+        print(f"  {name:<11} {text}")
 
 
 # -----------------------------------------------------------------------------
 # Command line: check a dataset
 
 def check(args):
-    """Parse every record and open every image; exit status 1 when anything is bad. Unlike read_records it never
-    pads or drops (a wrong caption count is bad), and with --skip-bad it prints the first 10 bad records."""
-    bad, records = 0, []
+    """Parse every record and check every image (check_images); exit status 1 when anything is bad. Never pads or
+    drops: a count other than --captions is a bad record; without --captions, mixed counts are an error."""
+    skipped, records = [], []
     for line, rec in tqdm(_parse_records(args.check, args.sep), desc="records", disable=None):
         if isinstance(rec, dict) and args.captions is not None and len(rec["caption"]) != args.captions:
             rec = DataError(f"{args.check}:{line}: {len(rec['caption'])} captions, expected {args.captions}")
-        # a good record still needs an image that opens: its error gets the record's FILE:LINE in front
-        if isinstance(rec, dict):
-            try:
-                load_image(rec["image"])
-                records.append(rec)
-                continue
-            except DataError as e:
-                rec = DataError(f"{args.check}:{line}: {e}")
-        if not args.skip_bad:
+        if isinstance(rec, DataError) and not args.skip_bad:
             raise rec
-        bad += 1
-        if bad <= 10:
-            print(rec, file=sys.stderr)
-    print(f"{args.check}: {len(records)} good records, {bad} bad")
-    if records:
-        print_lengths(records, Tokenizer.beside(args.check, records))
-    return 1 if bad else 0
+        (records if isinstance(rec, dict) else skipped).append(rec)
+    sys.stderr.write("".join(f"{e}\n" for e in skipped[:10]))  # the first 10 bad records
+    counts = Counter(len(r["caption"]) for r in records).most_common()  # [(M, records)], the most common first
+    if len(counts) > 1:  # which M is meant is for the user to say: training would stop at the first other one
+        raise DataError(f"{args.check}: mixed caption counts ({counts[0][1]} records with {counts[0][0]}, "
+                        + ", ".join(f"{n} with {m}" for m, n in counts[1:]) + "); give --captions M")
+    if not records and not skipped:
+        raise DataError(f"{args.check}: no records (an empty file, blank lines or a header only)")
+    kept = check_images(args.check, records, args.skip_bad) if records else []  # none left: DataError
+    print(f"{args.check}: {len(kept)} good records, {len(skipped) + len(records) - len(kept)} bad")
+    if kept:
+        print_lengths(kept, Tokenizer.beside(args.check, kept))
+    return 1 if skipped or len(kept) < len(records) else 0
 
 
 def main():
@@ -422,12 +483,11 @@ def main():
     p.add_argument("--check", metavar="FILE", help="the jsonl/csv/tsv dataset to validate")
     p.add_argument("--captions", type=int, help="the expected number of texts per image M")
     p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
-                   help="count bad records (first 10 printed) instead of stopping at the first")
+                   help="count bad records (the first 10, and the first bad image, printed) instead of stopping")
     p.add_argument("--sep", help="CSV/TSV separator (default: ',' for .csv, tab for .tsv)")
     args = p.parse_args()
     if not args.check:  # nothing to check: the help says what this command does and where datasets come from
-        p.print_help()
-        return
+        return p.print_help()
     try:
         sys.exit(check(args))
     except DataError as e:

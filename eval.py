@@ -69,6 +69,7 @@ def branch_mean(img):
 # Text -> image: every caption (j, m) is a query; a hit at k when image j is among the k best of n images.
 # Tie rule, ties count against the query: a query's rank is the number of WRONG candidates scoring >= its
 # (best) correct one, 0 = first place, and hit@k <=> rank < k. A model that scores everything alike gets 0.
+# NaN (a broken model) counts against too: ~(s < t), not s >= t (False for NaN); a NaN correct score: no hit at any k.
 # Chunking: the (n, n, M) score tensor is built tile by tile (chunk images x chunk images x M) and only
 # counts per query are kept, so 100k images x 500k texts need O(chunk^2 M + n M) memory, not n x nM.
 
@@ -96,9 +97,10 @@ def retrieval_metrics(img, txt, branch="mean", ks=(1, 5, 10), chunk=1024):
     for a, b in tqdm(pairs, desc="retrieval", disable=None if len(pairs) > 1 else True):
         s = tile(a, b)                                     # (|a|, |b|, M)
         wrong = (ids[a, None] != ids[None, b])[..., None]  # (|a|, |b|, 1): pairs of different images
-        rank_i2t[a] += ((s >= best[a, None, None]) & wrong).sum((1, 2))
-        rank_slot[a] += ((s >= pos[a, None, :]) & wrong).sum(1)
-        rank_t2i[b] += ((s >= pos[None, b, :]) & wrong).sum(0)
+        rank_i2t[a] += (~(s < best[a, None, None]) & wrong).sum((1, 2))
+        rank_slot[a] += (~(s < pos[a, None, :]) & wrong).sum(1)
+        rank_t2i[b] += (~(s < pos[None, b, :]) & wrong).sum(0)
+    rank_i2t[best.isnan()] = rank_slot[pos.isnan()] = rank_t2i[pos.isnan()] = max(ks)  # best: NaN if any own is
 
     def recall(rank, k):
         return 100 * (rank < k).sum().item() / rank.numel()
@@ -139,8 +141,9 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu"):
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)):
-    """scores (n, C), labels (n,) -> {k: % of rows whose class is in the top k}; ties count against."""
-    rank = (scores >= scores.gather(1, labels[:, None])).sum(1) - 1  # wrong classes scoring >= the right one
+    """scores (n, C), labels (n,) -> {k: % of rows whose class is in the top k}; ties and NaN count against."""
+    right = scores.gather(1, labels[:, None])  # (n, 1); below: the wrong classes not below it, NaN: no hit at any k
+    rank = torch.where(right[:, 0].isnan(), max(ks), (~(scores < right)).sum(1) - 1)
     return {k: 100 * (rank < k).sum().item() / len(rank) for k in ks}
 
 
@@ -225,10 +228,19 @@ def dense_probe(model, dataset, tokenizer, batch_size=256, device="cpu", workers
 # ----------------------------------------------------------------------------------------------------
 # everything at once (train.py calls this on rank 0)
 
+def world_shaped(v, key):
+    """Whether a record's value v of "labels" (a known class of every world.LABEL_KINDS kind) or "scene" (with
+    "image_size", "objects" of known shapes with boxes) is the world's: other data may hold anything there."""
+    if key == "labels":
+        return isinstance(v, dict) and all(v.get(kind) in names for kind, names in world.LABEL_KINDS.items())
+    return (isinstance(v, dict) and "image_size" in v and isinstance(v.get("objects"), list)
+            and all(isinstance(o, dict) and o.get("shape") in world.SHAPES and "box" in o for o in v["objects"]))
+
+
 def evaluate(model, dataset, device="cpu", batch_size=256, workers=0, embeddings=None, tokenizer=None):
     """Retrieval (mean and per branch), branch analysis, and, given the tokenizer for the prompts (the
-    dataset keeps only token ids), zero-shot on records with "labels" and the dense probe on records with
-    "scene". embeddings: (img, txt) already computed by embed_split, to skip a second pass over the split."""
+    dataset keeps only token ids), zero-shot and the dense probe when every record has the world's "labels" and
+    "scene" (world_shaped; else skipped, said on stderr). embeddings: (img, txt) already computed by embed_split."""
     was_training = model.training
     model.eval()
     img, txt = embeddings if embeddings is not None else embed_split(model, dataset, batch_size, device, workers)
@@ -237,13 +249,17 @@ def evaluate(model, dataset, device="cpu", batch_size=256, workers=0, embeddings
         r = retrieval_metrics(img.to(device), txt, branch=k, ks=(1,))
         res[f"branch{k}/i2t_R@1"], res[f"branch{k}/t2i_R@1"] = r["i2t_R@1"], r["t2i_R@1"]
     res.update(branch_analysis(img, txt))
-    if tokenizer is not None and all("labels" in r for r in dataset.records):  # the synthetic world's labels
+    ok = {k: all(world_shaped(r.get(k), k) for r in dataset.records) for k in ("labels", "scene")}  # world's own
+    for key, part in (("labels", "zero-shot"), ("scene", "dense probe")):
+        if tokenizer is not None and not ok[key] and any(key in r for r in dataset.records):
+            print(f"{part} skipped: not every record's {key!r} is the world's (prepare/world.py)", file=sys.stderr)
+    if tokenizer is not None and ok["labels"]:  # the synthetic world's labels
         for kind, names in world.LABEL_KINDS.items():
             classes = zeroshot_classifier(model, tokenizer, names, world.LABEL_TEMPLATES[kind], device)  # (C, E)
             labels = torch.tensor([names.index(r["labels"][kind]) for r in dataset.records])         # (n,)
             acc = topk_accuracy(branch_mean(img) @ classes.T, labels)                                 # (n, C) scores
             res[f"zs/{kind}/top1"], res[f"zs/{kind}/top5"] = acc[1], acc[5]
-    if tokenizer is not None and all("scene" in r for r in dataset.records):
+    if tokenizer is not None and ok["scene"]:
         res["dense_miou"] = dense_probe(model, dataset, tokenizer, batch_size, device, workers)
     model.train(was_training)
     return res
@@ -327,11 +343,10 @@ def line_chart(title, series, size=(360, 240)):
         for px, py in points if len(points) < 40 else []:  # sparse series (evaluations): mark each point
             d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
         d.text((width - right - 6 * len(name) - 4, top + 3 + 11 * j), name, fill=colour)  # ~6 px a letter
-    d.text((left, 3), title, fill="black")
-    d.text((2, top), f"{y1:.3g}", fill="black")
-    d.text((2, height - bottom - 10), f"{y0:.3g}", fill="black")
-    d.text((left, height - bottom + 4), f"{x0:g}", fill="black")
-    d.text((width - right - 6 * len(f"{x1:g}"), height - bottom + 4), f"{x1:g}", fill="black")
+    for xy, text in [((left, 3), title), ((2, top), f"{y1:.3g}"), ((2, height - bottom - 10), f"{y0:.3g}"),
+                     ((left, height - bottom + 4), f"{x0:g}"),
+                     ((width - right - 6 * len(f"{x1:g}"), height - bottom + 4), f"{x1:g}")]:  # title, axis ends
+        d.text(xy, text, fill="black")
     return out
 
 
@@ -403,7 +418,28 @@ def plot_retrieval(dataset, img, txt, slots, n=4, top=5, cell=96):
 
 
 # ----------------------------------------------------------------------------------------------------
-# command line
+# command line: the flags' checks, the checkpoint, main; a bad input file (DataError) exits with its message
+
+def check_flags(args):
+    """The flag-validation layer, right after parsing: a combination that cannot work stops here (exit 1)."""
+    if args.zeroshot_jsonl and not args.classnames:
+        sys.exit("error: --zeroshot-jsonl needs --classnames FILE (one class name per line)")
+
+
+def load_checkpoint(path, device):
+    """train.py's ckpt.pt -> (the checkpoint, its HolisticCLIP in eval mode on `device`, its tokenizer). Another
+    file (text, truncated, a captioner.pt) or a non-finite weight (a NaN model): a DataError naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model, tok = HolisticCLIP(ModelConfig(**ckpt["config"])), data.Tokenizer.from_dict(ckpt["tokenizer"])
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # unpickling, zip, missing key, config or weights of another model: its first sentence
+        why = str(e).replace("\n", ". ").split(". ")[0][:160]
+        raise data.DataError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {why})") from None
+    if bad := [k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()]:
+        raise data.DataError(f"{path}: {len(bad)} non-finite tensors (e.g. {bad[0]}): this checkpoint is broken")
+    return ckpt, model.to(device).eval(), tok
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -420,21 +456,13 @@ def main():
     p.add_argument("--classnames", help="one class name per line (folder: names the sorted sub-folders)")
     p.add_argument("--templates", help='one prompt template per line, with "{}" (default: "a photo of a {}.")')
     args = p.parse_args()
-    if args.zeroshot_jsonl and not args.classnames:
-        p.error("--zeroshot-jsonl needs --classnames FILE")
-
-    # the model and tokenizer from the checkpoint alone
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    model = HolisticCLIP(ModelConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(args.device).eval()
-    tok = data.Tokenizer.from_dict(ckpt["tokenizer"])
-    cfg = model.config
-    dataset = data.ImageTextDataset(data.read_records(args.data), tok, cfg.image_size,
-                                    context_length=cfg.context_length)
-    print(f"{args.ckpt}: step {ckpt.get('step')} | K {cfg.branches} | {len(dataset)} images | "
+    check_flags(args)
+    # the model and tokenizer from the checkpoint alone; the records and every image checked before the long part
+    ckpt, model, tok = load_checkpoint(args.ckpt, args.device)
+    records = data.check_images(args.data, data.read_records(args.data), workers=args.workers)
+    dataset = data.ImageTextDataset(records, tok, model.config.image_size, context_length=model.config.context_length)
+    print(f"{args.ckpt}: step {ckpt.get('step')} | K {model.config.branches} | {len(dataset)} images | "
           f"M {dataset.tokens.shape[1]} | {tok.truncated} captions truncated | device {args.device}")
-
     user = args.zeroshot_folder or args.zeroshot_jsonl  # read now: a bad file fails before the long part
     if user:
         paths, labels, names = read_labelled(args.zeroshot_folder, args.zeroshot_jsonl,
@@ -466,4 +494,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:  # its message names the file (and line): no traceback
+        sys.exit(f"error: {e}")

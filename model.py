@@ -17,6 +17,7 @@ released weights expect QuickGELU. Our Attention mirrors nn.MultiheadAttention's
 """
 import argparse
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -382,6 +383,43 @@ def flops_per_sample(config: ModelConfig, M=1):
     T, W = c.context_length, c.text_width
     text = c.text_layers * block(T, W) + 2 * W * c.embed_dim  # text_projection at EOT only
     return dict(image=float(image), text=float(text), total=float(image + M * text))
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints: one file holds what a later stage needs to rebuild the model (asdict(config), the weights, ...)
+
+
+def write_checkpoint(state, path):
+    """torch.save(state) to `path` atomically: a temporary file flushed to the disk (fsync), renamed over the
+    old one, then the folder flushed. A crash or a power cut leaves the old file or the new one; a failed write
+    (a full disk) removes the temporary file, keeps the old one, and raises OSError naming the path."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(folder)  # the rename itself
+        os.close(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path} ({str(e).splitlines()[0]})") from e
+
+
+def read_checkpoint(path, keys=("config", "model")):
+    """torch.load(path, weights_only=True): a dict holding `keys`, else ValueError naming the file (missing,
+    truncated, not a torch file, or a checkpoint of another kind, such as a captioner's given to eval.py)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # FileNotFoundError, a truncated zip, a pickle that weights_only refuses, ...
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    missing = sorted(set(keys) - set(ckpt)) if isinstance(ckpt, dict) else sorted(keys)
+    if missing:
+        raise ValueError(f"{path}: not the checkpoint expected here (it has no {', '.join(missing)})")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ M texts per image, T tokens per text, E joint embedding dim.
 params.json, metrics.jsonl (one JSON line per log step), ckpt.pt and results.jsonl.
 """
 import argparse
+import copy
+import fcntl
 import itertools
 import json
 import math
@@ -26,93 +28,116 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DataError, ImageTextDataset, Tokenizer, make_loader, read_records
+from data import DataError, ImageTextDataset, Tokenizer, check_images, make_loader, read_records, tokenizer_path
 from eval import embed_split, evaluate, print_table, retrieval_metrics
 from loss import branch_diversity, m2m_loss
-from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample
-from prepare.world import make_world
+from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample, read_checkpoint, write_checkpoint
+from prepare.world import make_world, world_mismatch
 
 # -----------------------------------------------------------------------------
 # config: open_clip-familiar flag names. Every flag lands in params.json and in the checkpoint, so a run can
 # always be told apart from another, and resumed, from its folder alone.
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+add, flag = p.add_argument, argparse.BooleanOptionalAction
 # data: what a sample is (data.py), and what to do with records that do not fit
-p.add_argument("--train-data", default=None,
-               help="training jsonl/csv/tsv; default: the synthetic world in data/shapes")
-p.add_argument("--val-data", default=None,
-               help="validation jsonl/csv/tsv (default: val.jsonl beside the train data, if any; none: no evaluation)")
-p.add_argument("--csv-separator", default=None, help="separator of a .csv/.tsv file (default: by extension)")
-p.add_argument("--captions", type=int, default=None, help="expected M per record (default: that of the first record)")
-p.add_argument("--caption-count", choices=["error", "pad", "drop"], default="error",
-               help="records whose caption count is not M: stop, pad by repeating, or drop them (default: %(default)s)")
-p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
-p.add_argument("--vocab-size", type=int, default=1024,
-               help="BPE vocabulary when a tokenizer must be trained (default: %(default)s)")
+add("--train-data", help="training jsonl/csv/tsv; none given: the synthetic world in data/shapes")
+add("--val-data", help="validation jsonl/csv/tsv; none given: val.jsonl beside the train data, if any; 'none': no eval")
+add("--csv-separator", help="separator of a .csv/.tsv file; none given: by the extension")
+add("--captions", type=int, help="expected M per record; none given: that of the first record")
+add("--caption-count", choices=["error", "pad", "drop"], default="error",
+    help="records whose caption count is not M: stop, pad by repeating, or drop them")
+add("--skip-bad", action="store_true", help="skip and count bad records and images instead of stopping")
+add("--vocab-size", type=int, default=1024, help="BPE vocabulary when a tokenizer must be trained")
 # model: a preset of model.py, and the paper's design choices and ablations (paper.md sections 2 and 3)
-p.add_argument("--model", default="tiny", choices=list(PRESETS),
-               help="architecture preset (model.py) (default: %(default)s)")
-p.add_argument("--branches", type=int, default=None, help="K image branches for --loss m2m (default: M)")
-p.add_argument("--branch-type", default="cls", choices=["cls", "mlp"],
-               help="K class tokens or K MLP heads (default: %(default)s)")
-p.add_argument("--isolate-cls", action=argparse.BooleanOptionalAction, default=True,
-               help="class token i does not attend to class token j (CLS design) (default: %(default)s)")
-p.add_argument("--loss", default="m2m", choices=["m2m", "o2m", "o2o"],
-               help="multi-to-multi, one-to-many, CLIP (default: %(default)s)")
-p.add_argument("--branch-diversity", action=argparse.BooleanOptionalAction, default=True,
-               help="the 0.7 hinge on the inter-branch cosine when K > 1 (default: %(default)s)")
-p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
-               help="tiled loss that never holds the K x B x B logits (loss.py) (default: %(default)s)")
+add("--model", default="tiny", choices=list(PRESETS), help="architecture preset (model.py)")
+add("--branches", type=int, help="K image branches for --loss m2m; none given: M")
+add("--branch-type", default="cls", choices=["cls", "mlp"], help="K class tokens or K MLP heads")
+add("--isolate-cls", action=flag, default=True, help="class token i does not see class token j (CLS design)")
+add("--loss", default="m2m", choices=["m2m", "o2m", "o2o"], help="multi-to-multi, one-to-many, CLIP")
+add("--branch-diversity", action=flag, default=True, help="the 0.7 hinge on the inter-branch cosine when K > 1")
+add("--fused-loss", action=flag, default=True, help="tiled loss that never holds the K x B x B logits (loss.py)")
 # optimisation: the paper's recipe (paper.md section 5), with defaults sized for the tiny preset on a CPU
-p.add_argument("--batch-size", type=int, default=128, help="images per rank (B) (default: %(default)s)")
-p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
-p.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay on >= 2-D weights (default: %(default)s)")
-p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
-p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default: %(default)s)")
-p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
-p.add_argument("--stop-at-step", type=int, default=None,
-               help="save and stop after this step, keeping the schedule of the full run (split long runs)")
-p.add_argument("--grad-clip-norm", type=float, default=None, help="clip the gradient norm (off by default)")
-# hardware: precision, compilation, devices, loader processes
-p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
-p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-               help="torch.compile the model and the loss tiles (default: on for CUDA)")
-p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-p.add_argument("--workers", type=int, default=2, help="data loader processes per rank (default: %(default)s)")
-p.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation (default: %(default)s)")
+add("--batch-size", type=int, default=128, help="images per rank (B)")
+add("--lr", type=float, default=1e-3, help="peak learning rate")
+add("--wd", type=float, default=0.2, help="AdamW weight decay on >= 2-D weights")
+add("--warmup", type=int, help="linear warm-up steps; none given: 100, or half a shorter run")
+add("--epochs", type=int, default=3, help="passes over the training data")
+add("--max-steps", type=int, help="total optimizer steps (overrides --epochs)")
+add("--stop-at-step", type=int, help="save and stop after this step, keeping the full run's schedule (split long runs)")
+add("--grad-clip-norm", type=float, help="clip the gradient norm")
+# hardware: precision, compilation, devices, loader processes, how long ranks wait for each other
+add("--precision", choices=["fp32", "bf16"], help="none given: bf16 on CUDA, fp32 on CPU")
+add("--compile", action=flag, help="torch.compile the model and the loss tiles; none given: on for CUDA")
+add("--device", help="cpu, cuda, cuda:1; none given: cuda if available")
+add("--workers", type=int, default=2, help="data loader processes per rank")
+add("--dist-timeout", type=float, default=10, help="minutes a rank waits for the others (a step, a validation)")
+add("--seed", type=int, default=0, help="model init, data order and augmentation")
 # bookkeeping: where the run lives, how often it logs, evaluates and saves
 # open_clip calls this --logs; torchrun (argparse on Python 3.11) rejects that as an abbreviation of its --logs-specs
-p.add_argument("--logs-dir", default="runs", help="folder of run folders (default: %(default)s)")
-p.add_argument("--name", default=None, help="run folder name (default: from the flags)")
-p.add_argument("--resume", default=None, help="checkpoint path, or 'latest' for runs/NAME/ckpt.pt")
-p.add_argument("--log-every", type=int, default=20, help="steps between log lines (default: %(default)s)")
-p.add_argument("--eval-every", type=int, default=0,
-               help="steps between validations (0: only at the end) (default: %(default)s)")
-p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
+add("--logs-dir", default="runs", help="folder of run folders")
+add("--name", help="run folder name; none given: from the flags")
+add("--resume", help="checkpoint path, or 'latest' for runs/NAME/ckpt.pt")
+add("--log-every", type=int, default=20, help="steps between log lines")
+add("--eval-every", type=int, default=0, help="steps between validations (0: only at the end)")
+add("--save-every", type=int, default=200, help="steps between checkpoints")
 # measurement: MFU and a throughput mode without data loading
-p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from the device)")
-p.add_argument("--synthetic-tensors", action="store_true",
-               help="random images and tokens made on the device: measures throughput without data loading")
-p.add_argument("--texts", type=int, default=None, help="M for --synthetic-tensors (default: K)")
-p.add_argument("--fault-nan-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: force a NaN loss
+add("--peak-tflops", type=float, help="device peak for MFU; none given: from the device's name")
+add("--synthetic-tensors", action="store_true", help="random batches made on the device: throughput without loading")
+add("--texts", type=int, help="M for --synthetic-tensors; none given: K")
+add("--fault-nan-step", type=int, help=argparse.SUPPRESS)  # tests: force a NaN loss at this step
 args = p.parse_args()
-# resume: the run's own flags come back from the checkpoint; flags given now (other than defaults) win.
+
+
+def fail(message):
+    """Stop with the message on stderr and exit status 1 (nothing written yet, or nothing lost)."""
+    sys.exit(f"error: {message}")
+
+
+def check_flags(args):
+    """Every flag's range in one place: a nonsense value stops here, named, instead of a traceback later or a
+    silent fallback (a 0 read as "the default", a run that never ends, a K that is dropped)."""
+    at_least = dict(batch_size=1, epochs=1, max_steps=1, stop_at_step=1, log_every=1, save_every=1, warmup=0,
+                    eval_every=0, workers=0, branches=1, texts=1, vocab_size=259)  # 259: PAD, 256 bytes, SOT, EOT
+    for key, low in at_least.items():
+        if getattr(args, key) is not None and getattr(args, key) < low:
+            fail(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least {low}")
+    for key in ("lr", "wd", "grad_clip_norm", "peak_tflops", "dist_timeout"):  # finite, above 0 (wd: or 0)
+        value, floor = getattr(args, key), "at least 0" if key == "wd" else "above 0"
+        if value is not None and not (math.isfinite(value) and (value >= 0 if key == "wd" else value > 0)):
+            fail(f"--{key.replace('_', '-')} {value}: must be a finite number {floor}")
+    if args.loss != "m2m" and args.branches not in (None, 1):
+        fail(f"--branches {args.branches} sets K for --loss m2m; --loss {args.loss} has one branch (K = 1)")
+    if args.csv_separator is not None and len(args.csv_separator) != 1:
+        fail(f"--csv-separator {args.csv_separator!r}: one character, such as ',' or $'\\t'")
+
+
+# resume: the run's own flags come back from the checkpoint; flags given now win, even at their default value.
+# A run continues in its checkpoint's folder; with --name it continues in that new folder, the old one untouched.
 # The default name spells out the ablation row (loss, preset, design, K, seed), so two rows never share a folder.
 ckpt = None
 name = args.name or f"{args.loss}-{args.model}-{args.branch_type}-k{args.branches or 'M'}-s{args.seed}"
 run_dir = os.path.join(args.logs_dir, name)
+continuing = False  # True: run_dir is the folder the checkpoint was written in
 if args.resume:
     path = os.path.join(run_dir, "ckpt.pt") if args.resume == "latest" else args.resume
-    assert os.path.exists(path), f"--resume {args.resume}: no checkpoint at {path}"
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    run_dir = os.path.dirname(os.path.abspath(path))
-    given = {k: v for k, v in vars(args).items() if v != p.get_default(k)}
-    args = argparse.Namespace(**{**ckpt["args"], **given})
+    try:
+        ckpt = read_checkpoint(path, ("model", "config", "optimizer", "tokenizer", "step", "args", "rng"))
+    except ValueError as e:  # missing, corrupt, or not one of this script's
+        fail(e)
+    run_dir = run_dir if args.name else os.path.dirname(os.path.abspath(path))
+    continuing = os.path.realpath(os.path.dirname(path)) == os.path.realpath(run_dir)
+    given = copy.deepcopy(p)  # a parser without defaults: the flags on the command line, even at their default
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    args = argparse.Namespace(**{**ckpt["args"], **vars(given.parse_args())})
+check_flags(args)
 
 # -----------------------------------------------------------------------------
 # distributed / device: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain run has none of them.
@@ -121,7 +146,8 @@ ddp = "RANK" in os.environ
 if ddp:
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available() and args.device != "cpu"
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    # a rank that stops (killed, stuck) stops the others after --dist-timeout, not torch's 30 minutes
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=args.dist_timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
@@ -144,6 +170,21 @@ def barrier():
         dist.barrier()
 
 
+# the run folder: rank 0 takes it before anything is read or written. A new run needs an absent or empty folder,
+# so no run is ever overwritten; a lock held while this process lives keeps a second train.py out of it.
+if master:
+    files = sorted(set(os.listdir(run_dir)) - {"lock"}) if os.path.isdir(run_dir) else []
+    if files and not continuing:
+        fail(f"{run_dir} already holds a run ({', '.join(files[:4])}): continue it with --name {name} --resume "
+             f"latest, or remove it, or choose another --name")
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, "lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS when the process ends, even on kill -9
+    except BlockingIOError:
+        fail(f"{run_dir} is in use by another train.py")
+
+
 # -----------------------------------------------------------------------------
 # data: records -> tokenizer -> datasets -> epoch_batches(epoch, skip), one epoch of this rank's share at a
 # time. The default is the synthetic world, generated on first use. The image size and context length come
@@ -151,7 +192,8 @@ def barrier():
 arch = ckpt["config"] if ckpt is not None else PRESETS[args.model]
 if args.synthetic_tensors:
     # throughput only: one random batch made on the device and reused every step; nothing is read or saved
-    M, tokenizer, vocab, val_set = args.texts or args.branches or 1, None, 49408, None  # 49408: openai's BPE
+    M, tokenizer, vocab = args.texts or args.branches or 1, None, 49408  # 49408: openai/CLIP's BPE vocabulary
+    train_set = val_set = None
     steps_per_epoch = 1000  # there are no epochs; this only numbers the steps
 
     def epoch_batches(epoch, skip):
@@ -161,41 +203,54 @@ if args.synthetic_tensors:
         tokens[..., -1] = vocab - 1  # EOT (the largest id) at the end of every text
         return itertools.repeat((images.to(device), tokens.to(device)), steps_per_epoch - skip)
 else:
-    # the synthetic world is written by rank 0 while the others wait: one copy, on the shared disk
+    # the synthetic world is written by rank 0 while the others wait: one copy, on the shared disk. One written
+    # by another version of prepare/world.py, or with other arguments, is not silently taken for the default.
     train_path = args.train_data or os.path.join("data", "shapes", "train.jsonl")
     if args.train_data is None and not os.path.exists(train_path):
         if master:
             print(f"generating the synthetic world in {os.path.dirname(train_path)} (first use)")
             make_world(os.path.dirname(train_path))
         barrier()
+    elif args.train_data is None and world_mismatch(os.path.dirname(train_path)):
+        fail(f"{world_mismatch(os.path.dirname(train_path))}: move it away (the next run writes the default world) "
+             f"or train on it as it is with --train-data {train_path}")
     # M, the texts per image, comes from the data; the val split must have the same M
     val_path = args.val_data or os.path.join(os.path.dirname(train_path), "val.jsonl")
     read = dict(captions=args.captions, on_count=args.caption_count, skip_bad=args.skip_bad, sep=args.csv_separator)
-    try:  # bad input stops here with FILE:LINE and the reason (or is skipped and counted with --skip-bad)
-        train_records = read_records(train_path, **read)
+    # bad input stops here, before the first step, with FILE:LINE and the reason (or is skipped and counted
+    # with --skip-bad): every record is parsed and every image opened and verified
+    try:
+        train_records = check_images(train_path, read_records(train_path, **read), args.skip_bad)
         M = len(train_records[0]["caption"])
         if args.val_data == "none":
             val_records = None
         elif os.path.exists(val_path):
-            val_records = read_records(val_path, **{**read, "captions": M})
+            val_records = check_images(val_path, read_records(val_path, **{**read, "captions": M}), args.skip_bad)
         elif args.val_data is None:
             val_records = None  # no val.jsonl beside the train data
         else:
             raise DataError(f"{val_path}: --val-data not found (give --val-data none to train without one)")
+        # the tokenizer: from the checkpoint when resuming, else the data's own (beside the real file, not a
+        # link to it), else trained on the captions by rank 0 and kept beside the data, or with the run when
+        # the data's folder is read-only
+        tok_path, run_tok = tokenizer_path(train_path), os.path.join(run_dir, "tokenizer.json")
+        if ckpt is not None:
+            tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+        elif os.path.exists(tok_path):
+            tokenizer = Tokenizer.load(tok_path)
+        else:
+            if master:
+                tokenizer = Tokenizer.train([c for r in train_records for c in r["caption"]], args.vocab_size)
+                try:
+                    tokenizer.save(tok_path)
+                except OSError:
+                    tok_path = run_tok
+                    tokenizer.save(tok_path)
+                print(f"trained a {args.vocab_size}-token BPE on the train captions -> {tok_path}")
+            barrier()
+            tokenizer = Tokenizer.load(tok_path if os.path.exists(tok_path) else run_tok)
     except DataError as e:
-        sys.exit(f"error: {e}")
-    # the tokenizer: from the checkpoint when resuming, else beside the data, else trained on the captions
-    tok_path = os.path.join(os.path.dirname(os.path.abspath(train_path)), "tokenizer.json")
-    if ckpt is not None:
-        tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
-    elif os.path.exists(tok_path):
-        tokenizer = Tokenizer.load(tok_path)
-    else:
-        if master:
-            print(f"training a {args.vocab_size}-token BPE on the train captions -> {tok_path}")
-            Tokenizer.train([c for r in train_records for c in r["caption"]], args.vocab_size).save(tok_path)
-        barrier()
-        tokenizer = Tokenizer.load(tok_path)
+        fail(e)
     vocab = tokenizer.vocab_size
     ds = dict(tokenizer=tokenizer, image_size=arch["image_size"], context_length=arch["context_length"],
               seed=args.seed)
@@ -204,7 +259,8 @@ else:
     if master and tokenizer.truncated:
         print(f"note: {tokenizer.truncated} captions were truncated to {arch['context_length']} tokens")
     steps_per_epoch = len(train_set) // (args.batch_size * world)  # drop_last: full global batches only
-    assert steps_per_epoch > 0, f"{len(train_set)} records are fewer than one global batch of {args.batch_size * world}"
+    if steps_per_epoch == 0:
+        fail(f"{train_path}: {len(train_set)} records are fewer than one global batch of {args.batch_size * world}")
 
     def epoch_batches(epoch, skip):
         # the order is a function of (seed, epoch) and the skipped batches are never loaded: exact resume
@@ -212,9 +268,12 @@ else:
                            epoch=epoch, skip_batches=skip, pin_memory=device.type == "cuda")
 
 # K and the slots trained on follow from the loss: the three rows of the paper's main comparison
-K = 1 if args.loss in ("o2o", "o2m") else (args.branches or M)
+K = ckpt["config"]["branches"] if ckpt is not None else 1 if args.loss in ("o2o", "o2m") else (args.branches or M)
 slots = 1 if args.loss == "o2o" else M  # o2o trains on caption slot 0 (the alt-text) only
 max_steps = args.max_steps or args.epochs * steps_per_epoch
+warmup = min(100, max_steps // 2) if args.warmup is None else args.warmup
+if warmup > max_steps:
+    fail(f"--warmup {warmup} is longer than the run ({max_steps} steps): the rate would never reach --lr")
 
 # -----------------------------------------------------------------------------
 # model: the architecture is a preset plus the flags; asdict(config) goes into every checkpoint
@@ -238,6 +297,21 @@ other = [q for n, q in params if not decays[n]]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": other, "weight_decay": 0.0}],
                               lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
 
+def data_key():
+    """What a checkpoint must share with the run that resumes it: the training set's size and M, and W."""
+    return {"records": len(train_set) if train_set else 0, "M": M, "ranks": world}
+
+
+def drop_metrics_after(step):
+    """metrics.jsonl without the lines of steps after `step` (logged by a run killed before its next save, and
+    about to be logged again) and without a last line torn by that kill (it has no newline)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    lines = [line for line in open(path) if line.endswith("\n") and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 # -----------------------------------------------------------------------------
 # resume: weights, optimizer, step and RNG states; the data order is a function of (seed, epoch), so
 # skipping the batches already seen in the current epoch replays the straight run exactly
@@ -247,6 +321,14 @@ if ckpt is not None:
     optimizer.load_state_dict(ckpt["optimizer"])
     step = ckpt["step"]
     torch.set_rng_state(ckpt["rng"]["cpu"])  # no dropout today; kept so that any added randomness resumes
+    # "continues exactly" holds only on the same data and number of ranks: say what changed and stop
+    now, then = data_key(), ckpt.get("data") or data_key()  # a checkpoint older than this check carries none
+    if now != then:
+        fail("--resume: " + ", ".join(f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then[k]) +
+             " since the checkpoint was written, so the run would not continue exactly: resume with the same "
+             "data and number of ranks, or start a new run from it with --name")
+    if master and continuing and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        drop_metrics_after(step)
     if master:
         print(f"resumed from step {step} of {max_steps}")
 
@@ -262,10 +344,10 @@ if ddp:
 # -----------------------------------------------------------------------------
 # schedule: linear warm-up then cosine to 0, computed from the step alone (so resume needs no state)
 def lr_at(step):
-    """The learning rate of (0-based) step `step`: linear to args.lr over args.warmup steps, then cosine."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, max_steps - args.warmup)
+    """The learning rate of (0-based) step `step`: linear to args.lr over `warmup` steps, then cosine."""
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -278,7 +360,6 @@ peaks = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 1
 peak = args.peak_tflops or next((v for k, v in peaks.items()
                                  if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
 if master:
-    os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "params.json"), "w") as f:
         json.dump({**vars(args), "K": K, "M": M, "slots": slots, "world": world, "max_steps": max_steps,
                    "config": asdict(config)}, f, indent=2)
@@ -344,13 +425,15 @@ def validate():
 
 
 def save_checkpoint(step):
-    """Write runs/NAME/ckpt.pt atomically: a crash mid-write never leaves a broken checkpoint."""
+    """Write runs/NAME/ckpt.pt atomically (model.write_checkpoint): a crash or a power cut at any moment leaves
+    the old or the new file; a failed write (a full disk) keeps the old checkpoint and stops the run."""
     state = {"model": raw_model.state_dict(), "config": asdict(config), "optimizer": optimizer.state_dict(),
-             "tokenizer": tokenizer.to_dict() if tokenizer else None, "step": step,
+             "tokenizer": tokenizer.to_dict() if tokenizer else None, "step": step, "data": data_key(),
              "epoch": step // steps_per_epoch, "args": vars(args), "rng": {"cpu": torch.get_rng_state()}}
-    tmp = os.path.join(run_dir, "ckpt.pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(run_dir, "ckpt.pt"))
+    try:
+        write_checkpoint(state, os.path.join(run_dir, "ckpt.pt"))
+    except OSError as e:
+        fail(f"{e}; " + (f"it still holds step {last_saved}" if last_saved is not None else "there is none yet"))
 
 
 # -----------------------------------------------------------------------------
@@ -424,7 +507,13 @@ while step < max_steps and stopped is None:
                 bar.write("  val " + " | ".join(f"{k[4:]} {v:.1f}" for k, v in val.items()))
                 metrics_file.write(json.dumps({"step": step, **val}) + "\n")
         # a throughput run (--synthetic-tensors) writes no checkpoint: there is nothing to resume from
-        if master and not args.synthetic_tensors and (stopped or step % args.save_every == 0 or step == max_steps):
+        saving = not args.synthetic_tensors and (stopped or step % args.save_every == 0 or step == max_steps)
+        # the health check saw the loss, computed before the update; an update can still overflow. Every rank
+        # holds the same weights (DDP), so every rank comes to the same answer, and no checkpoint holds them
+        if saving and not all(bool(torch.isfinite(q).all()) for q in raw_model.parameters()):
+            stopped = f"non-finite weights after step {step}"
+            break
+        if master and saving:
             save_checkpoint(step)
             last_saved = step
         if stopped or step >= max_steps:
@@ -432,8 +521,12 @@ while step < max_steps and stopped is None:
 bar.close()
 
 # -----------------------------------------------------------------------------
-# cleanup: a clean stop says where it stopped; a non-finite loss exits non-zero with the step named;
-# a finished run ends with the full evaluation table, appended to results.jsonl
+# cleanup: every rank is done with its steps, and rank 0 evaluates alone, needing no other rank. A clean stop
+# says where it stopped; a non-finite loss or update exits non-zero with the step named; a finished run ends
+# with the full evaluation table, appended to results.jsonl
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()
 if stopped and stopped.startswith("non-finite"):
     kept = f"{run_dir}/ckpt.pt still holds step {last_saved}" if last_saved is not None else "no checkpoint yet"
     print(f"stopping: {stopped}; {kept}", file=sys.stderr)
@@ -442,12 +535,16 @@ if stopped:
     if master:
         print(f"stopped ({stopped}) at step {step}; resume with --name {os.path.basename(run_dir)} --resume latest")
 elif master and val_set is not None:
+    # ckpt.pt is complete: a signal now stops the evaluation (minutes on a large split) at once
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.default_int_handler)
     raw_model.eval()
-    results = {"step": step, "K": K, "M": slots,  # M = the slots trained on (1 for o2o)
-               **evaluate(raw_model, val_set, device=device, tokenizer=tokenizer)}
+    try:
+        results = {"step": step, "K": K, "M": slots,  # M = the slots trained on (1 for o2o)
+                   **evaluate(raw_model, val_set, device=device, tokenizer=tokenizer)}
+    except KeyboardInterrupt:
+        fail(f"interrupted during the final evaluation; {run_dir}/ckpt.pt holds step {step}: evaluate it with "
+             f"python eval.py --ckpt {run_dir}/ckpt.pt --data {val_path}")
     print_table(results)
     with open(os.path.join(run_dir, "results.jsonl"), "a") as f:
         f.write(json.dumps(results) + "\n")
-if ddp:
-    dist.barrier()  # rank 0 may still be evaluating; tearing down under it can abort the process
-    dist.destroy_process_group()

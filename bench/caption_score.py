@@ -81,6 +81,8 @@ def mean_pairwise(x):
 def score(args):
     """Print and return {"slot{m}/{perspective}": accuracy, "diversity/jaccard", ["diversity/text_cosine"]}."""
     generated = data.read_records(args.data)
+    if not generated:  # nothing to average over
+        raise data.DataError(f"{args.data}: no records")
     truth = {os.path.realpath(r["image"]): r for r in data.read_records(args.truth)}  # "a/../b" == "b"
     slots = args.slots.split(",") if args.slots else ["alt"] + list(caption.SLOT_PROMPTS.values())
     clip = None
@@ -121,7 +123,10 @@ def main(argv=None):
     p.add_argument("--slots", default=None, help="what each caption slot holds (default: alt + the world's prompts)")
     p.add_argument("--ckpt", default=None, help="a HolisticCLIP checkpoint: also text-tower diversity")
     p.add_argument("--device", default="cpu", help="for the --ckpt text tower")
-    return score(p.parse_args(argv))
+    try:
+        return score(p.parse_args(argv))
+    except data.DataError as e:  # an empty or bad file: its message names it (and the line), exit status 1
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

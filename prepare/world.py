@@ -14,11 +14,16 @@ tests measure each one from the pixels (tests/test_world.py).
 `python train.py` writes data/shapes itself on first use (make_world). Output, as for prepare/debian.py:
 images/*.png, val.jsonl, tokenizer.json and, last, train.jsonl; every record also keeps "scene" (enough to redraw
 the image and its per-object masks, for eval.py's dense probe) and "labels" (the zero-shot classes of eval.py).
-Same seed, same bytes. Reading order: the vocabulary, a scene (sampled, drawn, masked, labelled), its six texts,
-writing the world, the command line.
+world.json names WORLD_VERSION and the arguments, so world_mismatch tells a world written by another version or
+with other arguments. Same seed, same bytes. The command line refuses an --out that already holds a dataset.
+Reading order: the vocabulary, a scene (sampled, drawn, masked, labelled), its six texts, writing the world, the
+command line.
 Letters: S image side in pixels, M texts per image, V vocabulary.
 """
 import argparse
+import contextlib
+import inspect
+import json
 import math
 import multiprocessing
 import os
@@ -32,6 +37,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: data.py
 from data import DataError, print_summary, write_splits  # noqa: E402
+
+# Bump whenever generation changes a byte of the output (sampling, drawing, texts, tokenizer): train.py then knows
+# that an existing data/shapes is not the world this version would write (world_mismatch).
+WORLD_VERSION = 1
 
 # -----------------------------------------------------------------------------
 # The vocabulary: the names a scene is built from, which its texts and eval.py's zero-shot classes use. Colours and
@@ -245,8 +254,12 @@ def _make_sample(job):
 
 
 def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, vocab_size=1024):
-    """Write out/images/*.png and, through data.py's write_splits, the jsonl files and the tokenizer (trained on the
-    train captions). Val images are numbered after the train images."""
+    """Write out/world.json (WORLD_VERSION and these arguments), out/images/*.png and, through data.py's
+    write_splits, the jsonl files and the tokenizer (trained on the train captions), train.jsonl last. Val images
+    are numbered after the train images. Overwrites what is there: the command line refuses an existing dataset."""
+    # a train.jsonl left from an earlier world would mark the half-rewritten folder as complete: it goes first
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, "train.jsonl"))
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     jobs = [(i, seed, image_size, out) for i in range(train_size + val_size)]
     # 2 processes, ~2x faster on 2 cores; imap keeps the order. fork (not spawn, the macOS default): the workers
@@ -254,7 +267,38 @@ def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, voca
     with multiprocessing.get_context("fork").Pool(2) as pool:
         records = list(tqdm(pool.imap(_make_sample, jobs, chunksize=64), total=len(jobs), desc="rendering",
                             disable=None))
+    # fixed key order and no time stamp: same arguments, same bytes
+    provenance = dict(version=WORLD_VERSION, train_size=train_size, val_size=val_size, image_size=image_size,
+                      seed=seed, vocab_size=vocab_size)
+    with open(os.path.join(out, "world.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(provenance) + "\n")
     write_splits(out, records[:train_size], records[train_size:], vocab_size)
+
+
+def world_mismatch(out, **kwargs):
+    """None when `out` holds the complete world that make_world(out, **kwargs) would write now (train.jsonl, and a
+    world.json naming WORLD_VERSION and the same arguments), else a one-line reason, e.g. "data/shapes was written
+    with seed 3, not 0". An unknown argument is a TypeError, as for make_world."""
+    want = inspect.signature(make_world).bind(out, **kwargs)  # make_world's defaults for the arguments not given
+    want.apply_defaults()
+    path = os.path.join(out, "world.json")
+    if not os.path.exists(os.path.join(out, "train.jsonl")):  # written last: without it the world is incomplete
+        return f"{out} has no train.jsonl (no world yet, or an interrupted run)"
+    if not os.path.exists(path):
+        return f"{out} has no world.json (written by an older version)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            have = json.load(f)
+    except ValueError as e:
+        return f"{path} is not valid JSON ({e})"
+    if not isinstance(have, dict):
+        return f"{path} is not a world.json"
+    if have.get("version") != WORLD_VERSION:
+        return f"{out} was written by world version {have.get('version')}, not {WORLD_VERSION}"
+    for key, value in want.arguments.items():  # in make_world's order: the first difference
+        if key != "out" and have.get(key) != value:
+            return f"{out} was written with {key} {have.get(key)}, not {value}"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +307,7 @@ def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, voca
 def main():
     """Write the world, then print the tokenizer's size, the caption lengths per slot and the first train record."""
     p = argparse.ArgumentParser(description="Write the synthetic multi-caption world (PNG images, train/val jsonl "
-                                "with 6 texts per image, a BPE tokenizer).",
+                                f"with {len(SLOTS)} texts per image, a BPE tokenizer).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.path.join("data", "shapes"), help="output folder")
     p.add_argument("--train-size", type=int, default=20000, help="training images")
@@ -272,6 +316,9 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary V incl. PAD/SOT/EOT")
     args = p.parse_args()
+    for name in ("train.jsonl", "val.jsonl"):  # make_world would overwrite them: never silently
+        if os.path.exists(os.path.join(args.out, name)):
+            sys.exit(f"error: {args.out} already holds a dataset ({name}): remove it or choose another --out")
     try:
         t0 = time.time()
         make_world(args.out, args.train_size, args.val_size, args.image_size, args.seed, args.vocab_size)

@@ -5,9 +5,10 @@
     python results/compare.py runs/A/results.jsonl runs/B            # a run folder or its results file
 
 Runs named alike but for a final "-s<seed>" are one row: the mean ± standard deviation over their seeds,
-with the number of seeds in the "seeds" column. A run without results yet (e.g. still training) is left
-out with a note on stderr. Columns: retrieval R@1 both ways, the best single branch read alone, image->text
-R@1 per caption slot, zero-shot top-1 per label kind, dense mIoU (all in %), the mean inter-branch cosine.
+with the number of seeds in the "seeds" column. A run without results yet (still training: no results.jsonl,
+or an empty one) is left out with a note on stderr. Columns: retrieval R@1 both ways, the best single branch
+read alone, image->text R@1 per caption slot, zero-shot top-1 per label kind, dense mIoU (all in %), the mean
+inter-branch cosine.
 """
 import argparse
 import json
@@ -23,10 +24,11 @@ def compare(runs, file=sys.stdout):
     groups = {}  # row name -> the latest results of each of its seeds
     for run in runs:
         path = Path(run) / "results.jsonl" if Path(run).is_dir() else Path(run)
-        if not path.exists():
+        lines = [line for line in open(path) if line.strip()] if path.exists() else []  # just created: empty
+        if not lines:
             print(f"{path}: no results yet, left out", file=sys.stderr)
             continue
-        latest = json.loads([line for line in open(path) if line.strip()][-1])  # the newest evaluation
+        latest = json.loads(lines[-1])  # the newest evaluation
         latest["best_branch/i2t_R@1"] = max((v for k, v in latest.items()
                                              if k.startswith("branch") and k.endswith("/i2t_R@1")), default=None)
         groups.setdefault(re.sub(r"-s\d+$", "", path.parent.name), []).append(latest)

@@ -5,7 +5,8 @@
 
 A micro captioner is trained to write one fixed text per prompt, so what it must write is known; the
 resumed, the two-rank and the single-process generation runs are compared with each other; cleaning
-and scoring are checked on hand-made strings and records with known answers.
+and scoring are checked on hand-made strings and records with known answers; bad flags, checkpoints and
+records, and a diverging run, stop with a message naming them.
 """
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -139,7 +141,7 @@ def test_two_ranks_merge_in_input_order(toy, tmp_path, monkeypatch):
 def test_output_passes_data_check(toy, tmp_path):
     generate(toy, tmp_path / "g.jsonl")
     run = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--check", str(tmp_path / "g.jsonl"),
-                          "--captions", "6"], capture_output=True, text=True)
+                          "--captions", str(len(world.SLOTS))], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "8 good records, 0 bad" in run.stdout
 
@@ -156,6 +158,124 @@ def test_learning_rate_schedules():
     assert caption.learning_rate(const, 500, 10, 1.0) == pytest.approx(0, abs=1e-12)
     assert caption.learning_rate(cosine, 500, 10, 0.5) == pytest.approx(5e-4)
     assert caption.learning_rate(cosine, 500, 10, 0.3) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# what the command line refuses: a message naming the flag or the file (and line), exit status 1
+
+
+def refused(*argv):
+    """caption.main on a command line it must refuse -> its message. sys.exit(text) exits with status 1."""
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as stop:
+        mp.setitem(model.PRESETS, "micro", MICRO)
+        caption.main([str(a) for a in argv])
+    assert isinstance(stop.value.code, str), stop.value.code
+    return stop.value.code
+
+
+def train_micro(toy, out, *extra):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(model.PRESETS, "micro", MICRO)
+        caption.main(["train", "--data", str(toy / "cap.jsonl"), "--out", str(out), "--model", "micro",
+                      "--width", "32", "--heads", "2", "--batch-size", "8", *extra])
+
+
+@pytest.mark.parametrize("flags, named", [(["--max-steps", "0"], "--max-steps"), (["--max-steps", "-1"], "--max-steps"),
+                                          (["--max-minutes", "0"], "--max-minutes"),
+                                          (["--max-minutes", "-1"], "--max-minutes"),
+                                          (["--cooldown", "0"], "--cooldown"), (["--cooldown", "1.5"], "--cooldown"),
+                                          (["--batch-size", "0"], "--batch-size"),
+                                          (["--prompts", "main,poem"], "--prompts")])
+def test_train_flag_layer(tmp_path, flags, named):
+    """Each flag that cannot work (0 steps became 3,000, -1 never ended) stops before anything is read."""
+    msg = refused("train", "--data", tmp_path / "absent.jsonl", "--out", tmp_path / "cap", *flags)
+    assert msg.startswith("error: ") and named in msg, msg
+
+
+def test_train_short_runs_work(toy, tmp_path):
+    """1..9 steps: the warm-up (a tenth of the run) is at least one step, not a division by zero."""
+    train_micro(toy, tmp_path / "cap", "--max-steps", "5")
+    assert torch.load(tmp_path / "cap" / "captioner.pt", weights_only=True)["step"] == 5
+
+
+def test_train_batch_larger_than_data(toy, tmp_path):
+    """No full batch in the data looped forever without a word: a second process, so a hang is a failure."""
+    run = subprocess.run([sys.executable, "caption.py", "train", "--data", str(toy / "cap.jsonl"), "--out",
+                          str(tmp_path / "cap"), "--batch-size", "25", "--max-steps", "3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "error: " in run.stderr and "24 images" in run.stderr and "--batch-size 25" in run.stderr, run.stderr
+
+
+def test_train_stops_on_non_finite_loss(toy, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        train_micro(toy, tmp_path / "cap", "--max-steps", "12", "--lr", "inf")
+    assert "non-finite loss at step" in str(stop.value.code), stop.value.code
+    assert not os.path.exists(tmp_path / "cap" / "captioner.pt")
+
+
+def test_train_never_writes_non_finite_weights(toy, tmp_path):
+    """One step at an infinite learning rate: the loss was finite, the weights it leaves are not."""
+    with pytest.raises(SystemExit) as stop:
+        train_micro(toy, tmp_path / "cap", "--max-steps", "1", "--lr", "inf")
+    assert "non-finite tensors" in str(stop.value.code), stop.value.code
+    assert not os.path.exists(tmp_path / "cap" / "captioner.pt")
+
+
+def test_generate_refuses_out_equal_to_data(toy, tmp_path):
+    """Appending to the input itself would destroy its ground truth: refused whatever the spelling."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "val.jsonl").write_bytes((toy / "val.jsonl").read_bytes())
+    os.symlink(tmp_path / "val.jsonl", tmp_path / "link.jsonl")
+    for out in (tmp_path / "sub" / ".." / "val.jsonl", tmp_path / "link.jsonl"):
+        msg = refused("generate", "--ckpt", toy / "cap" / "captioner.pt", "--data", tmp_path / "val.jsonl",
+                      "--out", out)
+        assert msg.startswith("error: ") and "--out" in msg and "--data" in msg, msg
+    assert (tmp_path / "val.jsonl").read_bytes() == (toy / "val.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "clip"])
+def test_generate_refuses_other_files_as_checkpoints(toy, tmp_path, kind):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "text":
+        path.write_text("step 7\n")
+    elif kind == "truncated":  # half of a real captioner.pt, as a copy cut short leaves it
+        real = (toy / "cap" / "captioner.pt").read_bytes()
+        path.write_bytes(real[:len(real) // 2])
+    else:  # a train.py checkpoint: a real file of the wrong kind
+        config = model.ModelConfig(**{**MICRO, "vocab_size": 300})
+        torch.save({"model": model.HolisticCLIP(config).state_dict(), "config": asdict(config), "step": 1}, path)
+    msg = refused("generate", "--ckpt", path, "--data", toy / "val.jsonl", "--out", tmp_path / "g.jsonl")
+    assert msg.startswith(f"error: {path}: not a captioner checkpoint ("), msg
+    assert not os.path.exists(tmp_path / "g.jsonl")
+
+
+def copy_records(toy, name, path, change):
+    """toy/name with absolute image paths, the third record changed by `change`, written to path."""
+    records = [json.loads(line) for line in open(toy / name)]
+    for r in records:
+        r["image"] = str(toy / r["image"])
+    change(records[2])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_bad_records_stop_up_front(toy, tmp_path):
+    """A record whose image cannot be read (a text file, a FIFO that would block a reader forever) or whose
+    caption count differs: train and generate stop with FILE:LINE before the long part."""
+    (tmp_path / "text.png").write_text("not an image")
+    os.mkfifo(tmp_path / "fifo.png")
+    for image in ("text.png", "fifo.png"):
+        bad = copy_records(toy, "cap.jsonl", tmp_path / "bad.jsonl", lambda r: r.update(image=str(tmp_path / image)))
+        msg = refused("train", "--data", bad, "--out", tmp_path / "cap", "--model", "micro", "--max-steps", "2")
+        assert msg.startswith(f"error: {bad}:3: ") and image in msg, msg
+        bad = copy_records(toy, "val.jsonl", tmp_path / "bad.jsonl", lambda r: r.update(image=str(tmp_path / image)))
+        msg = refused("generate", "--ckpt", toy / "cap" / "captioner.pt", "--data", bad, "--out", tmp_path / "g.jsonl")
+        assert msg.startswith(f"error: {bad}:3: ") and image in msg, msg
+    mixed = copy_records(toy, "val.jsonl", tmp_path / "mixed.jsonl", lambda r: r.update(caption=r["caption"][:2]))
+    msg = refused("generate", "--ckpt", toy / "cap" / "captioner.pt", "--data", mixed, "--out", tmp_path / "g.jsonl")
+    assert msg.startswith(f"error: {mixed}:3: "), msg
+    assert not os.path.exists(tmp_path / "cap") and not os.path.exists(tmp_path / "g.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,6 +373,15 @@ def score(folder, scene, captions, *slots):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     return caption_score.main(["--data", str(folder / "gen.jsonl"), "--truth", str(folder / "truth.jsonl")]
                               + (["--slots", *slots] if slots else []))
+
+
+def test_score_no_records(tmp_path):
+    """An empty generated file (or only blank lines) divided by zero: now one line and exit status 1."""
+    (tmp_path / "gen.jsonl").write_text("\n\n")
+    (tmp_path / "truth.jsonl").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        caption_score.main(["--data", str(tmp_path / "gen.jsonl"), "--truth", str(tmp_path / "truth.jsonl")])
+    assert stop.value.code.startswith(f"error: {tmp_path / 'gen.jsonl'}: no records"), stop.value.code
 
 
 def test_score_of_ground_truth_is_perfect(toy):

@@ -44,3 +44,16 @@ def test_seeds_are_one_row(tmp_path):
     p = subprocess.run([sys.executable, "results/compare.py", *runs], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0 and p.stdout == out.getvalue() and "missing-s0" in p.stderr, p.stderr
+
+
+def test_empty_results_are_left_out(tmp_path):
+    """A results.jsonl just created (empty, or blank lines only) is a run without results, as a missing file."""
+    for name, text in (("empty", ""), ("blank", "\n \n"), ("done", json.dumps(RESULT) + "\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text(text)
+    p = subprocess.run([sys.executable, "results/compare.py", *(str(tmp_path / n) for n in ("empty", "blank", "done"))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert [line.split("|")[1].strip() for line in p.stdout.splitlines()[2:]] == ["done"]
+    for name in ("empty", "blank"):
+        assert f"{tmp_path / name / 'results.jsonl'}: no results yet, left out" in p.stderr, p.stderr

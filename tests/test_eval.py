@@ -1,14 +1,15 @@
 """Tests for eval.py: retrieval on hand-made score tables (several captions per image, ties), chunked against a
 naive float64 loop, zero-shot on a stub model with a known answer, mIoU on hand-made masks, the K x M branch
 matrix on constructed embeddings, the dense probe's mask bookkeeping, and the command line on a tiny checkpoint
-(results line, PNG sizes). Tie rule under test: a query's rank = the number of WRONG candidates scoring >= its
-best correct one; hit@k <=> rank < k (ties count against the query). Letters as in eval.py: n images in the
-split, N patches per image.
+(results line, PNG sizes) and what it refuses (a NaN model, other files as checkpoints, bad records). Tie rule
+under test: a query's rank = the number of WRONG candidates scoring >= its best correct one; hit@k <=> rank < k
+(ties and NaN count against the query). Letters as in eval.py: n images in the split, N patches per image.
 
     python -m pytest -q tests/test_eval.py
 """
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -20,10 +21,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import caption
 import data
 import eval
 from model import PRESETS, HolisticCLIP, ModelConfig
 from prepare import world as synthetic  # the world's vocabulary; `world` is the fixture below
+from prepare.world import SLOTS
+
+M = len(SLOTS)  # the world's captions per image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +72,20 @@ def test_retrieval_all_tied_scores_zero():
     r = eval.retrieval_metrics(*from_scores(torch.ones(4, 4, 3)), ks=(1, 5, 9), chunk=3)
     assert r["i2t_R@9"] == 0 and r["t2i_R@1"] == 0 and r["i2t_R@5"] == 0
     assert r["slot2/i2t_R@1"] == 0 and r["slot1/t2i_R@5"] == 100  # 3 wrong images < 5
+
+
+def test_retrieval_nan_is_never_a_hit():
+    # a broken model's NaN scores fail every ">=": they must count against the query, never for it
+    r = eval.retrieval_metrics(*from_scores(torch.full((3, 3, 2), math.nan)), ks=(1, 5, 10))
+    assert set(r.values()) == {0}  # even R@10 with only 4 wrong texts: no NaN query is a hit
+    # one NaN coordinate in caption (2, 0)'s embedding: its score with every image is NaN. It counts against
+    # the other queries (image 0 loses its first place to it) and its own queries are never hits
+    img, txt = from_scores(SCORES)
+    txt[2, 0, 1] = math.nan
+    r = eval.retrieval_metrics(img, txt, ks=(1, 10), chunk=2)
+    assert r["i2t_R@1"] == 0 and r["slot0/i2t_R@1"] == 0 and r["t2i_R@1"] == pytest.approx(100 / 6)
+    assert r["i2t_R@10"] == pytest.approx(200 / 3) and r["t2i_R@10"] == pytest.approx(500 / 6)
+    assert r["slot0/i2t_R@10"] == pytest.approx(200 / 3) and r["slot0/t2i_R@10"] == pytest.approx(200 / 3)
 
 
 def naive_ranks(img, txt, branch):
@@ -156,6 +175,16 @@ def test_zeroshot_known_answer():
     assert acc == pytest.approx({1: 40, 2: 80, 3: 100, 5: 100})
 
 
+def test_topk_nan_is_never_a_hit():
+    nan = math.nan
+    scores = torch.tensor([[nan, 1., 0.],   # label 1: the NaN class counts against it -> rank 1
+                           [0., nan, 1.],   # label 0: NaN and 1 above -> rank 2
+                           [1., 0., 2.],    # label 2 -> rank 0
+                           [0., nan, 0.]])  # label 1 scores NaN: never a hit, not even in the top 5 of 3
+    acc = eval.topk_accuracy(scores, torch.tensor([1, 0, 2, 1]), ks=(1, 2, 3, 5))
+    assert acc == pytest.approx({1: 25, 2: 50, 3: 75, 5: 75})
+
+
 def test_branch_analysis_constructed():
     e, r2 = torch.eye(4), math.sqrt(0.5)
     u = lambda *v: F.normalize(sum(v), dim=0)  # noqa: E731
@@ -213,22 +242,28 @@ def test_dense_probe_all_background(world):
 # the command line on a tiny checkpoint
 
 KEYS = ["ckpt", "data", "step", "K", "M", "N", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
-        "slot0/i2t_R@1", "slot5/t2i_R@10", "branch0/i2t_R@1", "branch1/t2i_R@1", "branch_slot_sim", "branch_wins",
-        "inter_branch_cos", "dense_miou", "zs/val_shapes/top1", "zs/val_shapes/top5"]
+        "slot0/i2t_R@1", f"slot{M - 1}/t2i_R@10", "branch0/i2t_R@1", "branch1/t2i_R@1", "branch_slot_sim",
+        "branch_wins", "inter_branch_cos", "dense_miou", "zs/val_shapes/top1", "zs/val_shapes/top5"]
 KEYS += [f"zs/{kind}/top{k}" for kind in synthetic.LABEL_KINDS for k in (1, 5)]
 
 
-def test_cli(world, tmp_path, monkeypatch, capsys):
+def tiny_checkpoint(world, path):
+    """A random K = 2 HolisticCLIP on the world's tokenizer, saved as train.py saves it -> (model, tokenizer)."""
     torch.manual_seed(0)
     tok = data.Tokenizer.load(str(world / "tokenizer.json"))
     small = dict(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1, text_heads=2,
                  embed_dim=16, branches=2, mlp_branch_layers=1, vocab_size=tok.vocab_size, context_length=40)
     cfg = ModelConfig(**{**PRESETS["tiny"], **small})
     model = HolisticCLIP(cfg)
-    run = tmp_path / "runs" / "tiny"
-    run.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "config": asdict(cfg), "tokenizer": tok.to_dict(), "step": 7,
-                "epoch": 1, "args": {}, "optimizer": {}, "rng": {}}, run / "ckpt.pt")
+                "epoch": 1, "args": {}, "optimizer": {}, "rng": {}}, path)
+    return model, tok
+
+
+def test_cli(world, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "runs" / "tiny"
+    model, tok = tiny_checkpoint(world, run / "ckpt.pt")
     with open(run / "metrics.jsonl", "w") as f:
         for s in range(1, 6):
             f.write(json.dumps({"step": s, "loss": 5 - s / 2, "lr": s * 1e-4, "scale": 14.3,
@@ -251,13 +286,13 @@ def test_cli(world, tmp_path, monkeypatch, capsys):
     assert len(lines) == 1
     res = json.loads(lines[0])
     assert set(KEYS) <= set(res), set(KEYS) - set(res)
-    assert (res["K"], res["M"], res["N"], res["step"]) == (2, 6, 16, 7)
+    assert (res["K"], res["M"], res["N"], res["step"]) == (2, M, 16, 7)
     assert all(0 <= res[k] <= 100 for k in res if "R@" in k or k.startswith("zs/") or k == "dense_miou")
-    assert torch.tensor(res["branch_slot_sim"]).shape == (2, 6) and sum(res["branch_wins"]) == 16 * 6
+    assert torch.tensor(res["branch_slot_sim"]).shape == (2, M) and sum(res["branch_wins"]) == 16 * M
     # PNG sizes from the drawing code's constants: 96 px cells, 2 px grid padding, 16 px headers
     cell = 96 + 2
     sizes = {"curves.png": (4 * 360, 240),                      # loss, lr, scale, validation panels
-             "branch_slot.png": (64 + 72 * 6 + 8, 40 + 28 * 2 + 8),  # K = 2 rows x M = 6 slots
+             "branch_slot.png": (64 + 72 * M + 8, 40 + 28 * 2 + 8),  # K = 2 rows x M slots
              "attention.png": (3 * cell + 2, 4 * cell + 2 + 16),     # 4 images x (image + K = 2 branches)
              "retrieval.png": (5 * (cell + 6) + 2, 4 * (cell + 6 + 2 + 16))}  # 4 queries x top 5, 3 px frames
     for name, size in sizes.items():
@@ -280,3 +315,98 @@ def test_cli(world, tmp_path, monkeypatch, capsys):
     assert len(paths) == 16 and names == sorted(synthetic.SHAPES)
     acc = eval.zeroshot_dataset(model.eval(), tok, paths, labels, names, ["a {}", "one {}"], batch_size=8)
     assert acc == pytest.approx({1: res["zs/val_shapes/top1"], 5: res["zs/val_shapes/top5"]})
+
+
+# ----------------------------------------------------------------------------------------------------
+# what the command line refuses: a message naming the file (and line), exit status 1, nothing written
+
+def refused(monkeypatch, *argv):
+    """eval.main on a command line it must refuse -> its DataError's message, which the command line prints
+    after "error: " (exit status 1, see test_cli_refuses_nan_checkpoint)."""
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--device", "cpu", "--no-plots", *map(str, argv)])
+    with pytest.raises(data.DataError) as stop:
+        eval.main()
+    return str(stop.value)
+
+
+def test_cli_refuses_nan_checkpoint(world, tmp_path):
+    """NaN scores pass no ">=" test: a NaN model scored 100 % and was appended to results.jsonl."""
+    tiny_checkpoint(world, tmp_path / "good.pt")
+    ckpt = torch.load(tmp_path / "good.pt", weights_only=True)
+    ckpt["model"]["visual.proj"][0, 0] = math.nan  # one broken weight
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    p = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--data",
+                        str(world / "val.jsonl"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"error: {tmp_path / 'ckpt.pt'}: 1 non-finite tensors (e.g. visual.proj)" in p.stderr, p.stderr
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "captioner"])
+def test_cli_refuses_other_files_as_checkpoints(world, tmp_path, monkeypatch, kind):
+    tiny_checkpoint(world, tmp_path / "real.pt")
+    path = tmp_path / f"{kind}.pt"
+    if kind == "text":
+        path.write_text("step 7\n")
+    elif kind == "truncated":  # half of a real checkpoint, as a copy cut short leaves it
+        real = (tmp_path / "real.pt").read_bytes()
+        path.write_bytes(real[:len(real) // 2])
+    else:  # caption.py's checkpoint: a real file of the wrong kind
+        cfg = caption.CaptionerConfig(caption.vision_config("tiny", 0, 300), ["main"], 300, 32, 32, 1, 2)
+        torch.save({"config": asdict(cfg), "model": caption.Captioner(cfg).state_dict(), "step": 1}, path)
+    msg = refused(monkeypatch, "--ckpt", path, "--data", world / "val.jsonl")
+    assert msg.startswith(f"{path}: not a train.py checkpoint ("), msg
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def copy_records(world, path, change):
+    """The world's val.jsonl with absolute image paths, the third record changed by `change`, written to path."""
+    records = [json.loads(line) for line in open(world / "val.jsonl")]
+    for r in records:
+        r["image"] = str(world / r["image"])
+    change(records[2])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_cli_bad_records_stop_up_front(world, tmp_path, monkeypatch):
+    """A record whose image cannot be read, and mixed caption counts: FILE:LINE before any embedding."""
+    tiny_checkpoint(world, tmp_path / "ckpt.pt")
+    (tmp_path / "text.png").write_text("not an image")
+    bad = copy_records(world, tmp_path / "bad_image.jsonl", lambda r: r.update(image=str(tmp_path / "text.png")))
+    msg = refused(monkeypatch, "--ckpt", tmp_path / "ckpt.pt", "--data", bad)
+    assert msg.startswith(f"{bad}:3: ") and "text.png" in msg, msg
+    mixed = copy_records(world, tmp_path / "mixed.jsonl", lambda r: r.update(caption=r["caption"][:2]))
+    msg = refused(monkeypatch, "--ckpt", tmp_path / "ckpt.pt", "--data", mixed)
+    assert msg.startswith(f"{mixed}:3: "), msg
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_cli_fifo_image_does_not_hang(world, tmp_path):
+    """A FIFO opened for reading waits for a writer forever: it must be refused, not read."""
+    tiny_checkpoint(world, tmp_path / "ckpt.pt")
+    os.mkfifo(tmp_path / "fifo.png")
+    fifo = copy_records(world, tmp_path / "fifo.jsonl", lambda r: r.update(image=str(tmp_path / "fifo.png")))
+    p = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(fifo),
+                        "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and f"error: {fifo}:3: " in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("foreign", ["types", "names"])
+def test_evaluate_skips_foreign_labels_and_scenes(world, tmp_path, capsys, foreign):
+    """Records keep their other keys, so "labels" and "scene" may be anything: the world's zero-shot and dense
+    probe run only on the world's own shapes of them, and a skip is said once (it crashed after training)."""
+    model, tok = tiny_checkpoint(world, tmp_path / "ckpt.pt")
+    records = data.read_records(str(world / "val.jsonl"))
+    r = records[3]
+    if foreign == "types":
+        r["labels"], r["scene"] = "cat", [1, 2]
+    else:  # the right types, names the world does not know
+        r["labels"] = {**r["labels"], "main_shape": "blob"}
+        r["scene"] = {**r["scene"], "objects": [{**o, "shape": "blob"} for o in r["scene"]["objects"]]}
+    dataset = data.ImageTextDataset(records, tok, model.config.image_size, context_length=model.config.context_length)
+    res = eval.evaluate(model, dataset, batch_size=8, tokenizer=tok)
+    assert res["i2t_R@1"] >= 0 and "dense_miou" not in res and not any(k.startswith("zs/") for k in res)
+    err = capsys.readouterr().err
+    assert err.count("zero-shot skipped") == 1 and err.count("dense probe skipped") == 1, err

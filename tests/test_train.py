@@ -1,10 +1,15 @@
 """train.py end to end, as subprocesses on a tiny generated world: smoke, DDP == one process, exact resume,
-SIGTERM and non-finite-loss safety.
+SIGTERM and non-finite-loss safety; and nothing lost or silently wrong: non-finite updates, run folders that are
+never overwritten, resume on changed data, a full disk, flags out of range (checked in-process: no data is read).
 
     python -m pytest -q tests/test_train.py
 """
+import fcntl
+import gc
 import json
 import os
+import resource
+import runpy
 import signal
 import socket
 import subprocess
@@ -14,7 +19,9 @@ import time
 import pytest
 import torch
 
-from prepare.world import make_world
+from prepare.world import SLOTS, make_world
+
+M = len(SLOTS)  # texts per image in the world: K = M by default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,15 +33,16 @@ def world(tmp_path_factory):
     return out
 
 
-def train(world, logs, *flags, batch=8, check=True, background=False):
-    """Run train.py on the tiny world: 6 texts per image, K = M = 6 by default, fp32 on the CPU."""
+def train(world, logs, *flags, batch=8, check=True, background=False, cwd=None, preexec=None):
+    """Run train.py on the tiny world: M texts per image, K = M by default, fp32 on the CPU."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--train-data", str(world / "train.jsonl"),
            "--logs-dir", str(logs), "--batch-size", str(batch), "--workers", "0", "--log-every", "1",
-           "--warmup", "2", "--lr", "1e-3", "--device", "cpu", *flags]
+           "--warmup", "1", "--lr", "1e-3", "--device", "cpu", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if background:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=300,
+                       preexec_fn=preexec)
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
@@ -59,10 +67,10 @@ def test_smoke_writes_checkpoint_metrics_and_results(world, tmp_path):
     train(world, tmp_path, "--name", "smoke", "--max-steps", "3")
     run = tmp_path / "smoke"
     ckpt = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 3 and ckpt["config"]["branches"] == 6 and ckpt["tokenizer"]
+    assert ckpt["step"] == 3 and ckpt["config"]["branches"] == M and ckpt["tokenizer"]
     assert sorted(losses(run)) == [1, 2, 3]
     params = json.load(open(run / "params.json"))
-    assert params["K"] == 6 and params["M"] == 6
+    assert params["K"] == M and params["M"] == M
     results = [json.loads(line) for line in open(run / "results.jsonl")]
     assert "i2t_R@1" in results[-1] and "t2i_R@1" in results[-1]
 
@@ -79,7 +87,7 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(world, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", os.path.join(ROOT, "train.py"), "--train-data", str(world / "train.jsonl"),
            "--logs-dir", str(tmp_path), "--name", "two", "--batch-size", "4", "--workers", "0", "--log-every", "1",
-           "--warmup", "2", "--lr", "1e-3", "--device", "cpu", *common]
+           "--warmup", "1", "--lr", "1e-3", "--device", "cpu", *common]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -147,3 +155,169 @@ def test_missing_val_data_is_an_error_and_none_means_no_evaluation(world, tmp_pa
     train(world, tmp_path / "runs", "--name", "none", "--max-steps", "1", "--val-data", "none")
     assert (tmp_path / "runs" / "none" / "ckpt.pt").exists()
     assert not (tmp_path / "runs" / "none" / "results.jsonl").exists()  # the final evaluation was skipped
+
+
+# ----------------------------------------------------------------------------------------------------
+# nothing lost, nothing silently wrong. These run train.py in this process (a subprocess costs seconds of
+# imports); the flag checks come before any data is read.
+
+def run_in_process(monkeypatch, *argv):
+    """train.py with these flags in this process: its exit message (or status), None when it ends normally.
+    The signal handlers it installs are put back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    try:
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    except SystemExit as e:
+        return str(e.code)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        gc.collect()  # the run's globals (its lock on the run folder among them) sit in reference cycles
+    return None
+
+
+def train_here(monkeypatch, world, logs, *flags):
+    """run_in_process with train()'s flags: the tiny world, batch 8, fp32 on the CPU."""
+    return run_in_process(monkeypatch, "--train-data", str(world / "train.jsonl"), "--logs-dir", str(logs),
+                          "--batch-size", "8", "--workers", "0", "--log-every", "1", "--warmup", "1", "--device", "cpu",
+                          *flags)
+
+
+def test_non_finite_update_is_never_saved(world, tmp_path, monkeypatch, capsys):
+    """An update that overflows the weights while the loss it came from was finite (the health check sees the
+    loss, computed before the update): no checkpoint may follow it."""
+    class Overflowing(torch.optim.AdamW):
+        def step(self, closure=None):
+            super().step(closure)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+    monkeypatch.setattr(torch.optim, "AdamW", Overflowing)
+    code = train_here(monkeypatch, world, tmp_path, "--name", "inf", "--max-steps", "3", "--save-every", "1",
+                      "--val-data", "none")
+    assert code == "1" and "non-finite weights after step 1" in capsys.readouterr().err
+    assert not (tmp_path / "inf" / "ckpt.pt").exists()
+
+
+def test_a_run_folder_is_never_overwritten(world, tmp_path, monkeypatch):
+    """A second run with the same name is refused; --name NEW --resume OLD continues in NEW, OLD untouched;
+    a folder locked by a live train.py is refused."""
+    assert train_here(monkeypatch, world, tmp_path, "--name", "old", "--max-steps", "2", "--val-data", "none") is None
+    before = (tmp_path / "old" / "ckpt.pt").read_bytes()
+    message = train_here(monkeypatch, world, tmp_path, "--name", "old", "--max-steps", "2", "--val-data", "none")
+    assert "already holds a run" in message and "--resume latest" in message
+    assert train_here(monkeypatch, world, tmp_path, "--name", "new", "--resume", str(tmp_path / "old" / "ckpt.pt"),
+                      "--max-steps", "3", "--val-data", "none") is None
+    assert (tmp_path / "old" / "ckpt.pt").read_bytes() == before
+    assert torch.load(tmp_path / "new" / "ckpt.pt", weights_only=True)["step"] == 3
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train.py holds it
+        message = train_here(monkeypatch, world, tmp_path, "--name", "busy", "--max-steps", "1")
+    assert message == f"error: {tmp_path / 'busy'} is in use by another train.py"
+
+
+def test_resume_refuses_other_data_and_takes_flags_given_at_their_default(world, tmp_path, monkeypatch):
+    train_here(monkeypatch, world, tmp_path, "--name", "r", "--max-steps", "4", "--stop-at-step", "2", "--lr", "5e-4")
+    fewer = tmp_path / "fewer.jsonl"  # the same records with half the captions
+    fewer.write_text("".join(json.dumps({**json.loads(line), "caption": json.loads(line)["caption"][:M // 2],
+                                         "image": str(world / json.loads(line)["image"])}) + "\n"
+                             for line in open(world / "train.jsonl")))
+    message = train_here(monkeypatch, world, tmp_path, "--name", "r", "--resume", "latest", "--train-data", str(fewer))
+    assert f"M {M} -> {M // 2}" in message and "would not continue exactly" in message
+    train_here(monkeypatch, world, tmp_path, "--name", "r", "--resume", "latest", "--lr", "1e-3")  # 1e-3: the default
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["args"]["lr"] == 1e-3
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(world, tmp_path, monkeypatch):
+    """A run killed after logging steps 3-4 but before saving them: the resumed run logs them again, once."""
+    train_here(monkeypatch, world, tmp_path, "--name", "k", "--max-steps", "4", "--stop-at-step", "2")
+    with open(tmp_path / "k" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 0.0}) + "\n" + json.dumps({"step": 4, "loss": 0.0}) + "\n")
+        f.write('{"step": 5, "lo')  # torn by the kill
+    train_here(monkeypatch, world, tmp_path, "--name", "k", "--resume", "latest")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "k" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4] and losses(tmp_path / "k")[3] != 0.0
+
+
+def test_a_full_disk_keeps_the_old_checkpoint(world, tmp_path, monkeypatch):
+    """Files may grow to 64 KiB (RLIMIT_FSIZE; SIGXFSZ ignored, so writes fail with EFBIG as on a full disk):
+    the log lines fit, the checkpoint does not."""
+    train_here(monkeypatch, world, tmp_path, "--name", "full", "--max-steps", "4", "--stop-at-step", "2")
+    before = (tmp_path / "full" / "ckpt.pt").read_bytes()
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))
+    r = train(world, tmp_path, "--name", "full", "--resume", "latest", check=False, preexec=small_files)
+    assert r.returncode == 1 and "could not write" in r.stderr and "still holds step 2" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "full" / "ckpt.pt").read_bytes() == before
+    assert not (tmp_path / "full" / "ckpt.pt.tmp").exists()
+
+
+def test_default_world_of_other_arguments_is_not_reused(tmp_path, monkeypatch):
+    """data/shapes written by other arguments (here a 24-image world) is not taken for the default world."""
+    make_world(str(tmp_path / "data" / "shapes"), train_size=24, val_size=8, seed=1)
+    monkeypatch.chdir(tmp_path)
+    message = run_in_process(monkeypatch, "--batch-size", "8", "--max-steps", "1", "--workers", "0")
+    assert "data/shapes was written with train_size 24" in message and "--train-data" in message, message
+
+
+def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, capsys):
+    """A missing image (named with FILE:LINE before any step), an empty val file, a symlinked jsonl (its data's
+    own tokenizer is used, none is trained beside the link)."""
+    records = [line.replace('"images/', f'"{world}/images/') for line in open(world / "train.jsonl")]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(records[:3] + [records[3].replace("/images/", "/missing/")] + records[4:]))
+    (tmp_path / "tokenizer.json").write_bytes((world / "tokenizer.json").read_bytes())
+    message = train_here(monkeypatch, world, tmp_path / "runs", "--name", "img", "--train-data", str(broken),
+                         "--val-data", "none")
+    assert message.startswith(f"error: {broken}:4: ") and "step" not in capsys.readouterr().out
+    (tmp_path / "empty.jsonl").write_text("")
+    message = train_here(monkeypatch, world, tmp_path / "runs", "--name", "val", "--val-data", str(tmp_path / "empty.jsonl"))
+    assert "empty.jsonl: no records" in message
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "train.jsonl").symlink_to(world / "train.jsonl")
+    assert train_here(monkeypatch, world, tmp_path / "runs", "--name", "link", "--max-steps", "1", "--val-data", "none",
+                      "--train-data", str(tmp_path / "link" / "train.jsonl")) is None
+    assert not (tmp_path / "link" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
+    (["--max-steps", "-1"], "--max-steps -1: must be at least 1"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--epochs", "-2"], "--epochs -2: must be at least 1"),
+    (["--branches", "0"], "--branches 0: must be at least 1"),
+    (["--loss", "o2o", "--branches", "4"], "--loss o2o has one branch"),
+    (["--loss", "o2m", "--branches", "4"], "--loss o2m has one branch"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--log-every", "0"], "--log-every 0: must be at least 1"),
+    (["--save-every", "0"], "--save-every 0: must be at least 1"),
+    (["--vocab-size", "100"], "--vocab-size 100: must be at least 259"),
+    (["--csv-separator", "ab"], "--csv-separator 'ab': one character"),
+    (["--lr", "inf"], "--lr inf: must be a finite number above 0"),
+    (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
+])
+def test_flags_out_of_range_stop_with_their_name(monkeypatch, tmp_path, flags, message):
+    result = run_in_process(monkeypatch, "--logs-dir", str(tmp_path), *flags)
+    assert result.startswith("error: --") and message in result, result
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_warmup_longer_than_the_run_is_refused(world, tmp_path, monkeypatch):
+    message = train_here(monkeypatch, world, tmp_path, "--max-steps", "10", "--warmup", "50")
+    assert message == "error: --warmup 50 is longer than the run (10 steps): the rate would never reach --lr"
+
+
+def test_a_signal_stops_the_final_evaluation(world, tmp_path, monkeypatch):
+    """SIGTERM while the final evaluation runs: it stops at once, says where the checkpoint is, exit 1."""
+    import eval
+
+    def slow_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # interrupted by the signal, or the test fails on the message below
+        return {}
+    monkeypatch.setattr(eval, "evaluate", slow_evaluate)
+    message = train_here(monkeypatch, world, tmp_path, "--max-steps", "1")
+    assert message and message.startswith("error: interrupted during the final evaluation"), message

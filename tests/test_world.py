@@ -1,11 +1,14 @@
 """Tests of prepare/world.py, the synthetic world: same seed, same bytes (also for a sample made in this process);
-every attribute the texts name is measured from the pixels (colours, background, pattern, style, masks, the main
-object's position and size); the texts are consistent with the labels, and the alt-text is myopic.
+world.json and world_mismatch; the command line never overwrites a dataset; every attribute the texts name is
+measured from the pixels (colours, background, pattern, style, masks, the main object's position and size); the
+texts are consistent with the labels, and the alt-text is myopic.
 
     python -m pytest -q tests/test_world.py
 """
 import json
+import os
 import random
+import sys
 from collections import Counter
 
 import numpy as np
@@ -15,6 +18,8 @@ from data import load_image, read_records
 import prepare.world
 from prepare.world import (COLOURS, PATTERNS, POSITIONS, SHAPES, SLOTS, STYLES, make_world, render_scene, sample_scene,
                            scene_labels, scene_masks, scene_texts)
+
+M = len(SLOTS)  # texts per image: a new perspective changes it here only
 
 
 def random_scenes(n, seed=0, S=64):
@@ -39,15 +44,65 @@ def world(tmp_path_factory):
 def test_same_seed_same_bytes(world, tmp_path):
     make_world(str(tmp_path / "a"), train_size=24, val_size=8, seed=1)  # a second run, elsewhere
     make_world(str(tmp_path / "b"), train_size=24, val_size=8, seed=2)
-    for name in ["train.jsonl", "val.jsonl", "tokenizer.json"] + [f"images/{i:06d}.png" for i in range(32)]:
+    names = ["world.json", "train.jsonl", "val.jsonl", "tokenizer.json"] + [f"images/{i:06d}.png" for i in range(32)]
+    for name in names:
         assert (world / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
     assert (world / "train.jsonl").read_bytes() != (tmp_path / "b" / "train.jsonl").read_bytes()
     alone = prepare.world._make_sample((5, 1, 64, str(tmp_path / "b")))  # made in this process, not a worker
     assert json.dumps(alone) + "\n" == (world / "train.jsonl").read_text().splitlines(keepends=True)[5]
 
 
+def test_world_json_and_mismatch(world, tmp_path, monkeypatch):
+    """world.json records the generator's version and arguments; world_mismatch says why a folder is not the world
+    asked for, or None."""
+    version, mismatch = prepare.world.WORLD_VERSION, prepare.world.world_mismatch
+    assert json.loads((world / "world.json").read_text()) == {
+        "version": version, "train_size": 24, "val_size": 8, "image_size": 64, "seed": 1, "vocab_size": 1024}
+    assert mismatch(str(world), train_size=24, val_size=8, seed=1) is None
+    assert mismatch(str(world), train_size=24, val_size=8, seed=0) == f"{world} was written with seed 1, not 0"
+    assert mismatch(str(world)) == f"{world} was written with train_size 24, not 20000"  # make_world's defaults
+    monkeypatch.setattr(prepare.world, "WORLD_VERSION", version + 1)  # the generator changed since
+    assert mismatch(str(world), train_size=24, val_size=8, seed=1) == (
+        f"{world} was written by world version {version}, not {version + 1}")
+    old = tmp_path / "old"  # a world from before world.json
+    old.mkdir()
+    (old / "train.jsonl").write_text("")
+    assert mismatch(str(old)) == f"{old} has no world.json (written by an older version)"
+    (old / "world.json").write_text("{")
+    assert mismatch(str(old)).startswith(f"{old / 'world.json'} is not valid JSON")
+    with pytest.raises(TypeError):
+        mismatch(str(world), size=3)  # a misspelt argument is an error, not a silent match
+
+
+def test_world_json_before_train_jsonl(tmp_path, monkeypatch):
+    """train.jsonl, the mark of a complete world, is written last; a stale one goes before anything is rewritten."""
+    order = []
+    real = prepare.world.write_splits
+    monkeypatch.setattr(prepare.world, "write_splits", lambda out, *a: order.append(sorted(os.listdir(out)))
+                        or real(out, *a))
+    (tmp_path / "train.jsonl").write_text("stale\n")
+    make_world(str(tmp_path), train_size=4, val_size=2, seed=3)
+    assert order == [["images", "world.json"]]
+    assert prepare.world.world_mismatch(str(tmp_path), train_size=4, val_size=2, seed=3) is None
+    (tmp_path / "train.jsonl").unlink()  # as after an interrupted run
+    assert prepare.world.world_mismatch(str(tmp_path), train_size=4, val_size=2, seed=3) == (
+        f"{tmp_path} has no train.jsonl (no world yet, or an interrupted run)")
+
+
+@pytest.mark.parametrize("existing", ["train.jsonl", "val.jsonl"])
+def test_cli_refuses_an_existing_dataset(tmp_path, monkeypatch, capsys, existing):
+    (tmp_path / existing).write_text("precious\n")
+    monkeypatch.setattr(sys, "argv", ["world.py", "--out", str(tmp_path), "--train-size", "4", "--val-size", "2"])
+    with pytest.raises(SystemExit) as e:
+        prepare.world.main()
+    assert e.value.code == (f"error: {tmp_path} already holds a dataset ({existing}): remove it or choose another "
+                            "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]  # nothing written, nothing lost
+    assert (tmp_path / existing).read_text() == "precious\n"
+
+
 def test_records_on_disk_match_their_scenes(world):
-    train, val = read_records(world / "train.jsonl", captions=6), read_records(world / "val.jsonl", captions=6)
+    train, val = read_records(world / "train.jsonl", captions=M), read_records(world / "val.jsonl", captions=M)
     assert (len(train), len(val)) == (24, 8)
     for r in train + val:
         assert np.array_equal(np.asarray(load_image(r["image"])), np.asarray(render_scene(r["scene"])))  # lossless
@@ -156,7 +211,9 @@ def test_texts_consistent_with_labels():
     for scene in random_scenes(500):
         texts, labels = scene_texts(scene, rng), scene_labels(scene)
         assert len(texts) == len(SLOTS) and all(t.strip() for t in texts)
-        alt, detail, nouns, background, main, style = texts
+        text = dict(zip(SLOTS, texts))  # by name: a new slot leaves these checks as they are
+        alt, detail, nouns, background, main, style = (text[s] for s in
+                                                       ["alt", "detail", "nouns", "background", "main", "style"])
         assert len(alt.split()) <= 3
         alts[any(o["shape"] in alt for o in scene["objects"])] += 1
         for o in scene["objects"]:
