@@ -16,7 +16,8 @@ Commands:
   python bench/loss.py                 # time and peak memory: reference vs fused, eager and compiled
   python -m pytest -q tests/test_loss.py
 
-Letters: B images per rank, W world size, K image branches, M texts per image, E embed dim.
+Letters: B images per rank, W world size, K image branches, M texts per image, E embed dim; in the fused
+path Q queries (B*M per direction), G banks (M or K) of W*B columns, R rows (B*K or B*M), r x c one tile.
 Inputs are unit vectors img (B, K, E), txt (B, M, E) and scale = exp(logit_scale), a 0-dim tensor
 (CLIP initialises logit_scale to ln(1/0.07); train.py clamps it at ln(100)).
 """
@@ -171,7 +172,7 @@ def compiled(fn):
 def row_tiles(group, counts, rows_per_tile):
     """Yield (g, idx): idx (r,) = the ids of one row tile of queries, all of bank g. counts: a list, the
     queries of each bank, known on the host (reading them off the GPU would stall it)."""
-    order = torch.argsort(group, stable=True)  # (n,) queries sorted bank by bank
+    order = torch.argsort(group, stable=True)  # (Q,) queries sorted bank by bank
     start = 0
     for g, count in enumerate(counts):
         for r0 in range(start, start + count, rows_per_tile):
@@ -181,15 +182,15 @@ def row_tiles(group, counts, rows_per_tile):
 
 class RowCrossEntropy(torch.autograd.Function):
     """ce[i] = logsumexp_j x[i, j] - x[i, target[i]], x[i, j] = scale * <rows[src[i]], banks[group[i], j]>,
-    computed tile by tile. rows (R, E), banks (G, C, E), scale 0-dim, src/group/target (n,) long,
-    counts (G,) list of ints = queries per bank -> ce (n,) in fp32 (fp64 for fp64 inputs)."""
+    computed tile by tile. rows (R, E), banks (G, W*B, E), scale 0-dim, src/group/target (Q,) long,
+    counts (G,) list of ints = queries per bank -> ce (Q,) in fp32 (fp64 for fp64 inputs)."""
 
     @staticmethod
     def forward(ctx, rows, banks, scale, src, group, counts, target, tiles, fns):
         acc = torch.promote_types(rows.dtype, torch.float32)
         s = scale.detach().to(acc)
-        lse = torch.empty(len(src), dtype=acc, device=rows.device)  # (n,)
-        own = torch.empty(len(src), dtype=acc, device=rows.device)  # (n,) the target logits
+        lse = torch.empty(len(src), dtype=acc, device=rows.device)  # (Q,)
+        own = torch.empty(len(src), dtype=acc, device=rows.device)  # (Q,) the target logits
         with torch.autocast(rows.device.type, enabled=False):  # fp32 tiles even inside a bf16 autocast
             for g, idx in row_tiles(group, counts, tiles[0]):
                 r = rows[src[idx]]  # (r, E) one row tile of queries
@@ -209,7 +210,7 @@ class RowCrossEntropy(torch.autograd.Function):
         tiles, acc = ctx.tiles, lse.dtype
         s, grad_ce = scale.to(acc), grad_ce.to(acc)
         d_rows = torch.zeros_like(rows, dtype=acc)  # (R, E)
-        d_banks = torch.zeros_like(banks, dtype=acc)  # (G, C, E), laid out like banks
+        d_banks = torch.zeros_like(banks, dtype=acc)  # (G, W*B, E), laid out like banks
         d_scale = torch.zeros((), dtype=acc, device=rows.device)
         with torch.autocast(rows.device.type, enabled=False):
             for g, idx in row_tiles(group, ctx.counts, tiles[0]):

@@ -321,3 +321,37 @@ def test_a_signal_stops_the_final_evaluation(world, tmp_path, monkeypatch):
     monkeypatch.setattr(eval, "evaluate", slow_evaluate)
     message = train_here(monkeypatch, world, tmp_path, "--max-steps", "1")
     assert message and message.startswith("error: interrupted during the final evaluation"), message
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_stops_the_job(world, tmp_path):
+    """2 gloo ranks, rank 1 stopped (SIGSTOP) mid-run: rank 0's next collective gives up after --dist-timeout
+    (0.1 min here) and torchrun ends the job, instead of torch's default 30 minutes. ~1 minute."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", os.path.join(ROOT, "train.py"), "--train-data", str(world / "train.jsonl"),
+           "--logs-dir", str(tmp_path), "--name", "stuck", "--batch-size", "4", "--workers", "0", "--log-every", "1",
+           "--device", "cpu", "--max-steps", "100000", "--dist-timeout", "0.1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics, deadline = tmp_path / "stuck" / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    def is_rank1(pid):  # one of this test's train.py processes, with RANK=1 in its environment
+        try:
+            return (str(tmp_path).encode() in open(f"/proc/{pid}/cmdline", "rb").read()
+                    and b"\0RANK=1\0" in b"\0" + open(f"/proc/{pid}/environ", "rb").read())
+        except OSError:  # a process that ended meanwhile
+            return False
+    rank1 = [int(p) for p in os.listdir("/proc") if p.isdigit() and is_rank1(p)]
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGSTOP)
+    try:
+        proc.wait(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            os.kill(rank1[0], signal.SIGKILL)
+    assert proc.returncode != 0
