@@ -297,6 +297,7 @@ other = [q for n, q in params if not decays[n]]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": other, "weight_decay": 0.0}],
                               lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
 
+
 def data_key():
     """What a checkpoint must share with the run that resumes it: the training set's size and M, and W."""
     return {"records": len(train_set) if train_set else 0, "M": M, "ranks": world}
@@ -326,7 +327,7 @@ if ckpt is not None:
     if now != then:
         fail("--resume: " + ", ".join(f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then[k]) +
              " since the checkpoint was written, so the run would not continue exactly: resume with the same "
-             "data and number of ranks, or start a new run from it with --name")
+             "data and number of ranks (a run on other data starts without --resume)")
     if master and continuing and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         drop_metrics_after(step)
     if master:
