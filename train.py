@@ -211,8 +211,8 @@ else:
             print(f"generating the synthetic world in {os.path.dirname(train_path)} (first use)")
             make_world(os.path.dirname(train_path))
         barrier()
-    elif args.train_data is None and world_mismatch(os.path.dirname(train_path)):
-        fail(f"{world_mismatch(os.path.dirname(train_path))}: move it away (the next run writes the default world) "
+    elif args.train_data is None and (why := world_mismatch(os.path.dirname(train_path))):
+        fail(f"{why}: move it away (the next run writes the default world) "
              f"or train on it as it is with --train-data {train_path}")
     # M, the texts per image, comes from the data; the val split must have the same M
     val_path = args.val_data or os.path.join(os.path.dirname(train_path), "val.jsonl")
