@@ -4,6 +4,7 @@ MLP designs); the loss is in loss.py.
 
     python model.py                  # parameters and forward GFLOPs per preset and design
     python model.py --branches 1 6   # the same table at other K
+    python model.py --export runs/NAME/ckpt.pt clip.pt   # a K = 1 run -> open_clip's clip.pt + clip.json
     python -m pytest -q tests/test_model.py
 
 Letters: B images, K image branches, M texts per image, N patches, T text tokens, D width,
@@ -11,13 +12,16 @@ E joint embedding dim, S image side in pixels, L tokens in a sequence, H attenti
 
 Parameter names follow openai/CLIP (clip/model.py) so a CLIP state dict maps onto K = 1 by name.
 Two differences in shape and kind: class_embedding is (K, D) where openai's is (D,) (load it as
-`w[None]`), and the MLP uses nn.GELU (open_clip's default for training from scratch) where openai's
-released weights expect QuickGELU. Our Attention mirrors nn.MultiheadAttention's names
-(in_proj_weight, in_proj_bias, out_proj) with q, k, v stacked in that order.
+`w[None]`), and the MLP uses nn.GELU (open_clip's default for training from scratch) unless quick_gelu
+is set, as openai's released weights expect. load_clip and to_open_clip, near the end, convert both
+ways. Our Attention mirrors nn.MultiheadAttention's names (in_proj_weight, in_proj_bias, out_proj)
+with q, k, v stacked in that order.
 """
 import argparse
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +47,7 @@ class ModelConfig:
     branch_type: str = "cls"   # "cls": K class tokens | "mlp": K copies of the last L blocks' c_proj
     isolate_cls: bool = True   # CLS design: class tokens cannot see each other (the paper's intent)
     mlp_branch_layers: int = 3  # L: MLP design, how many final blocks carry K copies (paper: 3 of 12)
+    quick_gelu: bool = False   # x * sigmoid(1.702 x) in the MLPs, as openai's released weights were trained
     vocab_size: int            # from the tokenizer; its largest id is EOT
     context_length: int = 77   # T, the longest text (openai's 77)
     text_width: int
@@ -103,15 +108,22 @@ class Attention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(shape))  # heads concatenated, (..., L, D)
 
 
+class QuickGELU(nn.Module):
+    """openai/CLIP's sigmoid approximation of GELU: its released weights need it (ModelConfig.quick_gelu)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
     """c_fc -> GELU -> c_proj, called part by part from the block (the MLP design steps in between).
     With branches K > 1, c_proj is K separate Linear layers in a ModuleList (mlp.c_proj.{k}.weight):
     each copy looks exactly like openai's c_proj, and the loop over copies reads plainly."""
 
-    def __init__(self, width, branches=1):
+    def __init__(self, width, branches=1, quick_gelu=False):
         super().__init__()
         self.c_fc = nn.Linear(width, 4 * width)
-        self.gelu = nn.GELU()
+        self.gelu = QuickGELU() if quick_gelu else nn.GELU()
         self.c_proj = (nn.Linear(4 * width, width) if branches == 1 else
                        nn.ModuleList(nn.Linear(4 * width, width) for _ in range(branches)))
 
@@ -119,12 +131,12 @@ class MLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). Inputs may carry any leading dims."""
 
-    def __init__(self, width, heads, branches=1):
+    def __init__(self, width, heads, branches=1, quick_gelu=False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, branches)
+        self.mlp = MLP(width, branches, quick_gelu)
 
     def forward(self, x, attn_mask=None, is_causal=False):
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
@@ -144,10 +156,10 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """`layers` blocks; the last `branch_layers` of them carry `branches` copies of c_proj."""
 
-    def __init__(self, width, layers, heads, branches=1, branch_layers=0):
+    def __init__(self, width, layers, heads, branches=1, branch_layers=0, quick_gelu=False):
         super().__init__()
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, branches if i >= layers - branch_layers else 1)
+            ResidualAttentionBlock(width, heads, branches if i >= layers - branch_layers else 1, quick_gelu)
             for i in range(layers))
 
     def forward(self, x, attn_mask=None, is_causal=False):
@@ -209,8 +221,8 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(K if cls_design else 1, D))  # (K or 1, D)
         self.positional_embedding = nn.Parameter(torch.empty(len(self.class_embedding) + N, D))  # (K+N or 1+N, D)
         self.ln_pre = nn.LayerNorm(D)
-        self.transformer = Transformer(D, c.vision_layers, c.vision_heads,
-                                       branches=1 if cls_design else K, branch_layers=c.mlp_branch_layers)
+        self.transformer = Transformer(D, c.vision_layers, c.vision_heads, branches=1 if cls_design else K,
+                                       branch_layers=c.mlp_branch_layers, quick_gelu=c.quick_gelu)
         self.ln_post = nn.LayerNorm(D)
         self.proj = nn.Parameter(torch.empty(D, c.embed_dim))
         # a mask only when it masks something, so SDPA keeps its fast kernels otherwise
@@ -255,7 +267,7 @@ class HolisticCLIP(nn.Module):
         c = self.config = config
         self.visual = VisionTransformer(c)
         # the text tower lives at the top level, as in openai/CLIP
-        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads)
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, quick_gelu=c.quick_gelu)
         self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.text_width))  # (T, D)
         self.ln_final = nn.LayerNorm(c.text_width)
@@ -423,7 +435,92 @@ def read_checkpoint(path, keys=("config", "model")):
 
 
 # ----------------------------------------------------------------------------------------------------
-# python model.py: the cost table
+# from and to openai/CLIP and open_clip: the names already match, so only the branched parameters need care
+
+
+def read_state_dict(path):
+    """The weights in an open_clip file (.pt/.bin: a state dict, or a training checkpoint's "state_dict";
+    .safetensors), or in one of openai's own .pt files (TorchScript archives); else ValueError."""
+    try:
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ValueError("reading .safetensors needs the safetensors package: pip install safetensors")
+            return load_file(path)
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError as e:
+            if "TorchScript" not in str(e):
+                raise
+            weights = torch.jit.load(path, map_location="cpu").state_dict()
+        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
+        assert isinstance(weights, dict) and all(torch.is_tensor(w) for w in weights.values()), "not a state dict"
+        return weights
+    except Exception as e:  # missing, truncated, not a torch file, not a dict of tensors
+        raise ValueError(f"not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def load_clip(model, path, resize_positions=False):
+    """Copy the K = 1 ViT CLIP in `path` (an openai/CLIP or open_clip file) into `model`: K branches that start as
+    copies of CLIP's one. CLS design: the class token and its position row go into all K class tokens. MLP
+    design: c_proj goes into every copy in the branched blocks. Everything else by name. Nothing breaks the
+    copies' symmetry at load time: each branch is trained on its own caption slot, and that pulls them apart.
+    A shape that does not fit stops with ValueError naming the parameter and both shapes; resize_positions:
+    resample the patch positions to this model's image size (bicubic, as open_clip) instead."""
+    source = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}  # DDP saves say module.
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # TorchScript archives carry
+        source.pop(key, None)                                                     # these; no weights among them
+    own, n_cls = model.state_dict(), len(model.visual.class_embedding)
+    unused = set(source) - {re.sub(r"c_proj\.\d+\.", "c_proj.", k) for k in own}
+    if unused:
+        raise ValueError(f"not a ViT CLIP of this layout: {len(unused)} parameters have no place here, such as "
+                         f"{sorted(unused)[:3]} (compare the model's presets and --model)")
+    weights = {}
+    for name, target in own.items():
+        key = re.sub(r"c_proj\.\d+\.", "c_proj.", name)  # every MLP-design copy reads the one c_proj
+        if key not in source:
+            raise ValueError(f"{key}: missing from the checkpoint (a conv stem, or another architecture?)")
+        w = source[key]
+        if name == "visual.class_embedding":  # openai's (D,) -> (K, D), the same token K times
+            w = w.reshape(1, -1).expand(n_cls, -1)
+        if name == "visual.positional_embedding":  # class row K times, then the patch rows
+            cls, grid = w[:1], w[1:]
+            if resize_positions and len(grid) != len(target) - n_cls:
+                g, S = math.isqrt(len(grid)), math.isqrt(len(target) - n_cls)  # sides of the square patch grids
+                grid = grid.T.reshape(1, -1, g, g)
+                grid = F.interpolate(grid.float(), size=(S, S), mode="bicubic", antialias=True, align_corners=False)
+                grid = grid.reshape(-1, S * S).T.to(w.dtype)
+            w = torch.cat([cls.expand(n_cls, -1), grid])
+        if w.shape != target.shape:
+            raise ValueError(f"{key}: the checkpoint's shape {tuple(source[key].shape)} does not fit this model's "
+                             f"{tuple(target.shape)}")
+        weights[name] = w
+    model.load_state_dict(weights)
+    return model
+
+
+def to_open_clip(model):
+    """A K = 1 model -> (state dict, model config) for open_clip: open_clip.model.CLIP(**config) then
+    load_state_dict(state dict, strict=True) gives the same embeddings. For K > 1 there is no CLIP to export:
+    encode_image(x, reduce="mean"), the renormalised branch mean, is the one vector per image that CLIP
+    tooling (retrieval, zero-shot, clip_benchmark) expects."""
+    c = model.config
+    if c.branches != 1 or c.conv_stem:
+        raise ValueError(f"only a K = 1 model with the patchify conv has an open_clip twin (K = {c.branches}"
+                         f"{', a conv stem' if c.conv_stem else ''}); use encode_image(x, reduce='mean') for K > 1")
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    weights["visual.class_embedding"] = weights["visual.class_embedding"][0]  # (1, D) -> openai's (D,)
+    config = dict(embed_dim=c.embed_dim, quick_gelu=c.quick_gelu,
+                  vision_cfg=dict(image_size=c.image_size, patch_size=c.patch_size, width=c.vision_width,
+                                  layers=c.vision_layers, head_width=c.vision_width // c.vision_heads),
+                  text_cfg=dict(context_length=c.context_length, vocab_size=c.vocab_size, width=c.text_width,
+                                heads=c.text_heads, layers=c.text_layers))
+    return weights, config
+
+
+# ----------------------------------------------------------------------------------------------------
+# python model.py: the cost table, or --export
 
 
 def count(module):
@@ -431,10 +528,26 @@ def count(module):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of each preset and design.")
+    parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of each preset and design; or export.")
     parser.add_argument("--branches", type=int, nargs="+", default=[1, 4], help="values of K to tabulate")
     parser.add_argument("--texts", type=int, default=6, help="M texts per image for the last column")
+    parser.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
+                        help="a K = 1 checkpoint -> open_clip state dict OUT and its model config OUT.json")
     args = parser.parse_args()
+    if args.export:
+        path, out = args.export
+        try:
+            ckpt = read_checkpoint(path)
+            model = HolisticCLIP(ModelConfig(**ckpt["config"]))
+            model.load_state_dict(ckpt["model"])
+            weights, config = to_open_clip(model)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        torch.save(weights, out)
+        with open(os.path.splitext(out)[0] + ".json", "w") as f:
+            json.dump(config, f, indent=1)
+        print(f"{out} and {os.path.splitext(out)[0]}.json: open_clip.model.CLIP(**config).load_state_dict(weights)")
+        return
     print(f"{'preset':6} {'design':6} {'K':>2} | {'vision M':>8} {'text M':>7} {'total M':>7} {'+/branch':>9} | "
           f"{'GF image':>8} {'GF text':>7} {f'GF 1+{args.texts}':>7}")
     for name, preset in PRESETS.items():

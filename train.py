@@ -38,7 +38,8 @@ from tqdm import tqdm
 from data import DataError, ImageTextDataset, Tokenizer, check_images, make_loader, read_records, tokenizer_path
 from eval import embed_split, evaluate, print_table, retrieval_metrics
 from loss import branch_diversity, m2m_loss
-from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample, read_checkpoint, write_checkpoint
+from model import (PRESETS, HolisticCLIP, ModelConfig, flops_per_sample, load_clip, read_checkpoint,
+                   write_checkpoint)
 from prepare.world import make_world, world_mismatch
 
 # -----------------------------------------------------------------------------
@@ -55,6 +56,7 @@ add("--caption-count", choices=["error", "pad", "drop"], default="error",
     help="records whose caption count is not M: stop, pad by repeating, or drop them")
 add("--skip-bad", action="store_true", help="skip and count bad records and images instead of stopping")
 add("--vocab-size", type=int, default=1024, help="BPE vocabulary when a tokenizer must be trained")
+add("--tokenizer", help="a tokenizer.json, or CLIP's bpe_simple_vocab_16e6.txt.gz; none given: the data's own")
 # model: a preset of model.py, and the paper's design choices and ablations (paper.md sections 2 and 3)
 add("--model", default="tiny", choices=list(PRESETS), help="architecture preset (model.py)")
 add("--branches", type=int, help="K image branches for --loss m2m; none given: M")
@@ -63,6 +65,10 @@ add("--isolate-cls", action=flag, default=True, help="class token i does not see
 add("--loss", default="m2m", choices=["m2m", "o2m", "o2o"], help="multi-to-multi, one-to-many, CLIP")
 add("--branch-diversity", action=flag, default=True, help="the 0.7 hinge on the inter-branch cosine when K > 1")
 add("--fused-loss", action=flag, default=True, help="tiled loss that never holds the K x B x B logits (loss.py)")
+# starting from an existing CLIP (model.load_clip): its weights, and what its architecture needs
+add("--pretrained", help="an openai/CLIP or open_clip ViT file (.pt, .bin, .safetensors), copied into the K branches")
+add("--force-quick-gelu", action="store_true", help="QuickGELU in the MLPs, as openai's released weights need")
+add("--force-image-size", type=int, help="image side other than the preset's; --pretrained positions are resampled")
 # optimisation: the paper's recipe (paper.md section 5), with defaults sized for the tiny preset on a CPU
 add("--batch-size", type=int, default=128, help="images per rank (B)")
 add("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -116,6 +122,9 @@ def check_flags(args):
         fail(f"--branches {args.branches} sets K for --loss m2m; --loss {args.loss} has one branch (K = 1)")
     if args.csv_separator is not None and len(args.csv_separator) != 1:
         fail(f"--csv-separator {args.csv_separator!r}: one character, such as ',' or $'\\t'")
+    patch = PRESETS[args.model]["patch_size"]
+    if args.force_image_size is not None and (args.force_image_size < patch or args.force_image_size % patch):
+        fail(f"--force-image-size {args.force_image_size}: a multiple of --model {args.model}'s patch size {patch}")
 
 
 # resume: the run's own flags come back from the checkpoint; flags given now win, even at their default value.
@@ -136,7 +145,10 @@ if args.resume:
     given = copy.deepcopy(p)  # a parser without defaults: the flags on the command line, even at their default
     for action in given._actions:
         action.default = argparse.SUPPRESS
-    args = argparse.Namespace(**{**ckpt["args"], **vars(given.parse_args())})
+    now = vars(given.parse_args())
+    if started := [f for f in ("pretrained", "tokenizer", "force_quick_gelu", "force_image_size") if f in now]:
+        fail(f"--{started[0].replace('_', '-')} sets up a new run; a resumed run keeps its checkpoint's")
+    args = argparse.Namespace(**{**ckpt["args"], **now})
 check_flags(args)
 
 # -----------------------------------------------------------------------------
@@ -189,7 +201,8 @@ if master:
 # data: records -> tokenizer -> datasets -> epoch_batches(epoch, skip), one epoch of this rank's share at a
 # time. The default is the synthetic world, generated on first use. The image size and context length come
 # from the architecture (the checkpoint's when resuming), so the datasets exist before the model does.
-arch = ckpt["config"] if ckpt is not None else PRESETS[args.model]
+arch = ckpt["config"] if ckpt is not None else {**PRESETS[args.model], "quick_gelu": args.force_quick_gelu,
+                                                  "image_size": args.force_image_size or PRESETS[args.model]["image_size"]}
 if args.synthetic_tensors:
     # throughput only: one random batch made on the device and reused every step; nothing is read or saved
     M, tokenizer, vocab = args.texts or args.branches or 1, None, 49408  # 49408: openai/CLIP's BPE vocabulary
@@ -236,6 +249,8 @@ else:
         tok_path, run_tok = tokenizer_path(train_path), os.path.join(run_dir, "tokenizer.json")
         if ckpt is not None:
             tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+        elif args.tokenizer:
+            tokenizer = Tokenizer.load(args.tokenizer)
         elif os.path.exists(tok_path):
             tokenizer = Tokenizer.load(tok_path)
         else:
@@ -280,9 +295,16 @@ if warmup > max_steps:
 if ckpt is not None:
     config = ModelConfig(**ckpt["config"])
 else:
-    config = ModelConfig(**{**PRESETS[args.model], "branches": K, "branch_type": args.branch_type,
+    config = ModelConfig(**{**arch, "branches": K, "branch_type": args.branch_type,
                             "isolate_cls": args.isolate_cls, "vocab_size": vocab})
-model = HolisticCLIP(config).to(device)  # init_weights runs here, after torch.manual_seed above
+model = HolisticCLIP(config)  # init_weights runs here, after torch.manual_seed above
+if args.pretrained and ckpt is None:  # or the weights of a CLIP, its one branch copied K times
+    try:
+        load_clip(model, args.pretrained, resize_positions=args.force_image_size is not None)
+    except ValueError as e:
+        fail(f"--pretrained {args.pretrained}: {e}" + (" (a text tower needs the tokenizer it was trained with: "
+                                                       "--tokenizer)" if str(e).startswith("token_embedding") else ""))
+model = model.to(device)
 raw_model = model  # unwrapped: saved, evaluated and clamped
 
 # -----------------------------------------------------------------------------

@@ -298,6 +298,7 @@ def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, 
     (["--csv-separator", "ab"], "--csv-separator 'ab': one character"),
     (["--lr", "inf"], "--lr inf: must be a finite number above 0"),
     (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
+    (["--force-image-size", "60"], "--force-image-size 60: a multiple of --model tiny's patch size 8"),
 ])
 def test_flags_out_of_range_stop_with_their_name(monkeypatch, tmp_path, flags, message):
     result = run_in_process(monkeypatch, "--logs-dir", str(tmp_path), *flags)
@@ -355,3 +356,33 @@ def test_a_stopped_rank_stops_the_job(world, tmp_path):
             proc.kill()
             os.kill(rank1[0], signal.SIGKILL)
     assert proc.returncode != 0
+
+
+def test_pretrained_clip_starts_every_branch(world, tmp_path, monkeypatch):
+    """--pretrained: an open_clip-layout file (a K = 1 model here, exported by to_open_clip) becomes the start of
+    a K = M run: at a learning rate of 1e-12 the first checkpoint holds its weights, the class token K times. A
+    file for another preset stops before training, naming the parameter and both shapes."""
+    from data import Tokenizer
+    from model import PRESETS, HolisticCLIP, ModelConfig, to_open_clip
+    vocab = Tokenizer.load(str(world / "tokenizer.json")).vocab_size
+    clip, _ = to_open_clip(HolisticCLIP(ModelConfig(**PRESETS["tiny"], vocab_size=vocab)))
+    torch.save(clip, tmp_path / "clip.pt")
+    assert train_here(monkeypatch, world, tmp_path / "runs", "--name", "ft", "--pretrained", str(tmp_path / "clip.pt"),
+                      "--max-steps", "1", "--lr", "1e-12", "--wd", "0", "--val-data", "none") is None
+    got = weights(tmp_path / "runs" / "ft")
+    assert got["visual.class_embedding"].shape == (M, PRESETS["tiny"]["vision_width"])
+    for name, w in got.items():
+        assert torch.allclose(w, clip[name].reshape(-1, *w.shape[1:])[:1].expand_as(w) if "visual.class_emb" in name
+                              else w if name == "visual.positional_embedding" else clip[name], atol=1e-9), name
+    assert torch.allclose(got["visual.positional_embedding"][:M], clip["visual.positional_embedding"][:1], atol=1e-9)
+    os.remove(tmp_path / "clip.pt")  # a resumed run needs its checkpoint only, and takes no new start
+    assert train_here(monkeypatch, world, tmp_path / "runs", "--name", "ft", "--resume", "latest", "--max-steps",
+                      "2", "--val-data", "none") is None
+    message = train_here(monkeypatch, world, tmp_path / "runs", "--name", "ft", "--resume", "latest",
+                         "--force-quick-gelu")
+    assert message == "error: --force-quick-gelu sets up a new run; a resumed run keeps its checkpoint's", message
+    torch.save(clip, tmp_path / "clip.pt")
+    message = train_here(monkeypatch, world, tmp_path / "runs", "--name", "small", "--model", "small",
+                         "--pretrained", str(tmp_path / "clip.pt"), "--max-steps", "1")
+    assert message == (f"error: --pretrained {tmp_path / 'clip.pt'}: positional_embedding: the checkpoint's shape "
+                       "(32, 64) does not fit this model's (77, 256)"), message
