@@ -2,7 +2,8 @@
 and slot m trains image branch m). How ANY dataset is read: records, a byte-level BPE tokenizer, the image-text
 dataset and loader, and a check of a dataset on disk. How datasets are made lives in prepare/: the built-in
 synthetic world (prepare/world.py; train.py writes it on first use) and two real offline datasets, clip art and
-emoji from Debian packages (prepare/debian.py, prepare/README.md). Both write through write_splits below.
+emoji from Debian packages (prepare/debian.py, prepare/README.md). Both write through write_splits below. At scale,
+train.py reads through prepare/ too: a jsonl's token cache (prepare/cache.py) or tar shards (prepare/shards.py).
 
     python data.py --check data/shapes/train.jsonl --captions 6    # validate; exit 1 on bad records
     python data.py --check my.tsv --skip-bad                        # go on past bad records and count them
@@ -22,9 +23,7 @@ import argparse
 import contextlib
 import csv
 import functools
-import gzip
 import heapq
-import html
 import json
 import math
 import multiprocessing
@@ -32,7 +31,6 @@ import os
 import re
 import stat
 import sys
-import unicodedata
 import warnings
 from collections import Counter, defaultdict
 
@@ -307,7 +305,7 @@ class Tokenizer:
                 self.truncated += 1
             # every row is exactly T ids long: PAD (0) fills the rest, so the rows stack into one tensor
             rows.append(ids + [self.pad] * (context_length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long).view(len(texts), context_length)
+        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(texts), context_length))  # numpy: 8x torch.tensor
 
     def to_dict(self):  # plain ints and lists: survives torch.load(weights_only=True) inside checkpoints
         return {"vocab_size": self.vocab_size, "merges": [list(p) for p in self.merges]}
@@ -316,7 +314,8 @@ class Tokenizer:
     def from_dict(cls, d):
         """The inverse of to_dict: train.py, eval.py and caption.py rebuild the tokenizer of a checkpoint. DataError
         "not a tokenizer: ..." when `d` is not one (merge k makes id 257 + k from two ids made before it)."""
-        if isinstance(d, dict) and "clip_merges" in d:
+        if isinstance(d, dict) and "clip_merges" in d:  # CLIP's own BPE (prepare/clip.py)
+            from prepare.clip import ClipTokenizer
             return ClipTokenizer(d["clip_merges"])
         if not isinstance(d, dict) or not {"vocab_size", "merges"} <= d.keys():
             raise DataError("not a tokenizer: it needs 'vocab_size' and 'merges' keys")
@@ -334,9 +333,10 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path):
-        """A tokenizer.json written by save, or CLIP's bpe_simple_vocab_16e6.txt.gz (ClipTokenizer); DataError
+        """A tokenizer.json written by save, or CLIP's bpe_simple_vocab_16e6.txt.gz (prepare/clip.py); DataError
         "PATH: not a tokenizer: ..." says what is wrong."""
         if str(path).endswith(".gz"):
+            from prepare.clip import ClipTokenizer
             return ClipTokenizer.read(path)
         try:
             with open(path, encoding="utf-8") as f:
@@ -352,88 +352,6 @@ class Tokenizer:
         return (cls.load(path) if os.path.exists(path)
                 else cls.train([c for r in records for c in r["caption"]], vocab_size))
 
-
-# CLIP's own BPE, read from the user's copy of bpe_simple_vocab_16e6.txt.gz (it ships inside the openai `clip` and
-# `open_clip` packages), so that a pretrained text tower sees the ids it was trained on. The machinery above (ranks,
-# _merge, PAD 0, SOT = V - 2, EOT = V - 1, truncation) with CLIP's conventions: ids 0..255 are the bytes in CLIP's
-# order (printable Latin-1 first), 256..511 the same bytes ending a word ("</w>"), merge k makes id 512 + k; V = 49,408.
-
-CLIP_BYTES = [*range(33, 127), *range(161, 173), *range(174, 256)]  # CLIP's byte order: these 188 first, then the rest
-CLIP_BYTES += [b for b in range(256) if b not in CLIP_BYTES]
-CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
-
-
-def _clip_words(chunk):
-    r"""CLIP's pre-tokenisation of one space-free chunk, its regex 's|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
-    written out with unicodedata (no `regex` package): contractions, runs of letters, single digits, runs of anything
-    else. (CLIP also matches its special-token strings; here they are plain text.)"""
-    kind = [unicodedata.category(ch)[0] if unicodedata.category(ch)[0] in "LN" else "other" for ch in chunk]
-    words, i = [], 0
-    while i < len(chunk):
-        j = i + next((len(c) for c in CONTRACTIONS if chunk.startswith(c, i)), 0)
-        if j == i:  # not a contraction: a run of one kind, except that every digit is a word of its own
-            j = i + 1
-            while kind[i] != "N" and j < len(chunk) and kind[j] == kind[i]:
-                j += 1
-        words.append(chunk[i:j])
-        i = j
-    return words
-
-
-class ClipTokenizer(Tokenizer):
-    """openai/CLIP's tokenizer (clip/simple_tokenizer.py, and open_clip's default): ftfy.fix_text when ftfy is
-    installed, HTML unescaped twice, whitespace collapsed, lower case, _clip_words, BPE. tokenize() is inherited: it
-    pads with 0 and truncates keeping EOT, as CLIP does; decode() gives CLIP's text, a space after every word."""
-
-    def __init__(self, merges):
-        # the vocabulary as CLIP writes it, a string per id (bytes as printable characters), to look the merges up
-        names = [chr(b) if i < 188 else chr(256 + i - 188) for i, b in enumerate(CLIP_BYTES)]
-        ids = {n: i for i, n in enumerate(names + [n + "</w>" for n in names])}
-        self.pieces = [bytes([b]) for b in CLIP_BYTES] + [bytes([b]) + b" " for b in CLIP_BYTES]  # id -> its text
-        self.ranks = {}
-        for k, (a, b) in enumerate(merges):
-            if a not in ids or b not in ids:
-                raise DataError(f"not CLIP's BPE: merge {k} ({a} {b}) joins strings that no earlier id makes")
-            self.ranks[ids[a], ids[b]] = ids[a + b] = 512 + k
-            self.pieces.append(self.pieces[ids[a]] + self.pieces[ids[b]])
-        self.merges, self.vocab_size = [list(p) for p in merges], 512 + len(merges) + 2
-        self.pad, self.sot, self.eot = 0, self.vocab_size - 2, self.vocab_size - 1
-        self.cache, self.truncated = {}, 0
-        try:
-            import ftfy
-            self.fix_text = ftfy.fix_text
-        except ImportError:
-            print("note: ftfy is not installed (pip install ftfy): texts that CLIP's ftfy.fix_text would repair (curly "
-                  "quotes, ligatures, mojibake) get other ids than CLIP gives them", file=sys.stderr)
-            self.fix_text = str
-
-    @classmethod
-    def read(cls, path):
-        """bpe_simple_vocab_16e6.txt.gz: a version line, then one merge per line; CLIP reads the first 48,894."""
-        try:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                lines = f.read().split("\n")[1:49152 - 256 - 2 + 1]
-            return cls([line.split() for line in lines])
-        except (OSError, EOFError, ValueError) as e:  # not gzip, truncated, not UTF-8, not pairs
-            raise DataError(f"{path}: not CLIP's BPE vocabulary ({e})") from None
-
-    def encode(self, text):
-        """CLIP's ids of `text` (no SOT, EOT or PAD). The cache holds space-free chunks: no word spans a space."""
-        text = html.unescape(html.unescape(self.fix_text(text))).strip()
-        ids = []
-        for chunk in text.lower().split():
-            if chunk not in self.cache:
-                self.cache[chunk] = [i for w in _clip_words(chunk) for i in self._bpe(self._bytes(w))]
-            ids += self.cache[chunk]
-        return ids
-
-    def _bytes(self, word):
-        """The ids of a word's bytes, the last one marking the word's end."""
-        ids = [CLIP_BYTES.index(b) for b in word.encode()]
-        return ids[:-1] + [ids[-1] + 256]
-
-    def to_dict(self):  # the merges as CLIP's strings: the checkpoint rebuilds the tokenizer without the file
-        return {"vocab_size": self.vocab_size, "clip_merges": self.merges}
 
 # -----------------------------------------------------------------------------
 # Images, dataset and loader: records -> batches of images (B, 3, S, S) and tokens (B, M, T)
@@ -452,32 +370,37 @@ def image_transform(image_size, train):
 
 
 class ImageTextDataset(Dataset):
-    """(image float (3, S, S), tokens long (M, T)) per record. All captions are tokenised once here; the images
-    are read lazily. Training augmentation of sample i depends only on (seed, epoch, i), so a resumed run, any
-    number of workers and any rank replay exactly the same crops."""
+    """(image float (3, S, S), tokens long (M, T)) per record. records: a list (read_records), its captions all
+    tokenised here, once; or records that bring their tokens (prepare/cache.py: memory-mapped, for millions of
+    records; tokenizer unused). The images are read lazily. Training augmentation of sample i depends only on (seed, epoch, i), so a resumed run, any number of
+    workers and any rank replay exactly the same crops."""
 
     def __init__(self, records, tokenizer, image_size, train=False, context_length=77, seed=0):
+        self.records, self.train, self.seed, self.epoch = records, train, seed, 0
+        self.transform = image_transform(image_size, train)
+        if hasattr(records, "tokens"):
+            self.tokens, self.M = records.tokens, records.M  # (n, M, T) uint16 or int32, shared pages
+            return
         # one M for all records: the tokens of a batch are one (B, M, T) tensor
         assert records, "no records"
         M = len(records[0]["caption"])
         assert all(len(r["caption"]) == M for r in records), \
             f"records must share M = {M} captions: read them with captions=M and on_count='pad' or 'drop'"
-        self.records, self.train, self.seed, self.epoch = records, train, seed, 0
-        self.transform = image_transform(image_size, train)
         flat = [c for r in records for c in r["caption"]]  # record-major: n x M texts
         self.tokens = tokenizer.tokenize(flat, context_length).view(len(records), M, context_length)  # (n, M, T)
+        self.M = M
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i):
-        image = load_image(self.records[i]["image"])
+        image, tokens = load_image(self.records[i]["image"]), torch.as_tensor(self.tokens[i], dtype=torch.long)
         if not self.train:
-            return self.transform(image), self.tokens[i]
+            return self.transform(image), tokens
         # a private CPU generator state, restored afterwards; the seed mixes (seed, epoch, i) with a large prime
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63)
-            return self.transform(image), self.tokens[i]
+            return self.transform(image), tokens
 
 
 def make_loader(dataset, batch_size, train, workers=0, pin_memory=False, seed=0, epoch=0, skip_batches=0):

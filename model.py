@@ -4,7 +4,6 @@ MLP designs); the loss is in loss.py.
 
     python model.py                  # parameters and forward GFLOPs per preset and design
     python model.py --branches 1 6   # the same table at other K
-    python model.py --export runs/NAME/ckpt.pt clip.pt   # a K = 1 run -> open_clip's clip.pt + clip.json
     python -m pytest -q tests/test_model.py
 
 Letters: B images, K image branches, M texts per image, N patches, T text tokens, D width,
@@ -13,15 +12,12 @@ E joint embedding dim, S image side in pixels, L tokens in a sequence, H attenti
 Parameter names follow openai/CLIP (clip/model.py) so a CLIP state dict maps onto K = 1 by name.
 Two differences in shape and kind: class_embedding is (K, D) where openai's is (D,) (load it as
 `w[None]`), and the MLP uses nn.GELU (open_clip's default for training from scratch) unless quick_gelu
-is set, as openai's released weights expect. load_clip and to_open_clip, near the end, convert both
-ways. Our Attention mirrors nn.MultiheadAttention's names (in_proj_weight, in_proj_bias, out_proj)
-with q, k, v stacked in that order.
+is set, as openai's released weights expect; prepare/clip.py converts both ways. Our Attention mirrors
+nn.MultiheadAttention's names (in_proj_weight, in_proj_bias, out_proj) with q, k, v stacked in that order.
 """
 import argparse
-import json
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -435,92 +431,7 @@ def read_checkpoint(path, keys=("config", "model")):
 
 
 # ----------------------------------------------------------------------------------------------------
-# from and to openai/CLIP and open_clip: the names already match, so only the branched parameters need care
-
-
-def read_state_dict(path):
-    """The weights in an open_clip file (.pt/.bin: a state dict, or a training checkpoint's "state_dict";
-    .safetensors), or in one of openai's own .pt files (TorchScript archives); else ValueError."""
-    try:
-        if path.endswith(".safetensors"):
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise ValueError("reading .safetensors needs the safetensors package: pip install safetensors")
-            return load_file(path)
-        try:
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError as e:
-            if "TorchScript" not in str(e):
-                raise
-            weights = torch.jit.load(path, map_location="cpu").state_dict()
-        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
-        assert isinstance(weights, dict) and all(torch.is_tensor(w) for w in weights.values()), "not a state dict"
-        return weights
-    except Exception as e:  # missing, truncated, not a torch file, not a dict of tensors
-        raise ValueError(f"not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-
-
-def load_clip(model, path, resize_positions=False):
-    """Copy the K = 1 ViT CLIP in `path` (an openai/CLIP or open_clip file) into `model`: K branches that start as
-    copies of CLIP's one. CLS design: the class token and its position row go into all K class tokens. MLP
-    design: c_proj goes into every copy in the branched blocks. Everything else by name. Nothing breaks the
-    copies' symmetry at load time: each branch is trained on its own caption slot, and that pulls them apart.
-    A shape that does not fit stops with ValueError naming the parameter and both shapes; resize_positions:
-    resample the patch positions to this model's image size (bicubic, as open_clip) instead."""
-    source = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}  # DDP saves say module.
-    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # TorchScript archives carry
-        source.pop(key, None)                                                     # these; no weights among them
-    own, n_cls = model.state_dict(), len(model.visual.class_embedding)
-    unused = set(source) - {re.sub(r"c_proj\.\d+\.", "c_proj.", k) for k in own}
-    if unused:
-        raise ValueError(f"not a ViT CLIP of this layout: {len(unused)} parameters have no place here, such as "
-                         f"{sorted(unused)[:3]} (compare the model's presets and --model)")
-    weights = {}
-    for name, target in own.items():
-        key = re.sub(r"c_proj\.\d+\.", "c_proj.", name)  # every MLP-design copy reads the one c_proj
-        if key not in source:
-            raise ValueError(f"{key}: missing from the checkpoint (a conv stem, or another architecture?)")
-        w = source[key]
-        if name == "visual.class_embedding":  # openai's (D,) -> (K, D), the same token K times
-            w = w.reshape(1, -1).expand(n_cls, -1)
-        if name == "visual.positional_embedding":  # class row K times, then the patch rows
-            cls, grid = w[:1], w[1:]
-            if resize_positions and len(grid) != len(target) - n_cls:
-                g, S = math.isqrt(len(grid)), math.isqrt(len(target) - n_cls)  # sides of the square patch grids
-                grid = grid.T.reshape(1, -1, g, g)
-                grid = F.interpolate(grid.float(), size=(S, S), mode="bicubic", antialias=True, align_corners=False)
-                grid = grid.reshape(-1, S * S).T.to(w.dtype)
-            w = torch.cat([cls.expand(n_cls, -1), grid])
-        if w.shape != target.shape:
-            raise ValueError(f"{key}: the checkpoint's shape {tuple(source[key].shape)} does not fit this model's "
-                             f"{tuple(target.shape)}")
-        weights[name] = w
-    model.load_state_dict(weights)
-    return model
-
-
-def to_open_clip(model):
-    """A K = 1 model -> (state dict, model config) for open_clip: open_clip.model.CLIP(**config) then
-    load_state_dict(state dict, strict=True) gives the same embeddings. For K > 1 there is no CLIP to export:
-    encode_image(x, reduce="mean"), the renormalised branch mean, is the one vector per image that CLIP
-    tooling (retrieval, zero-shot, clip_benchmark) expects."""
-    c = model.config
-    if c.branches != 1 or c.conv_stem:
-        raise ValueError(f"only a K = 1 model with the patchify conv has an open_clip twin (K = {c.branches}"
-                         f"{', a conv stem' if c.conv_stem else ''}); use encode_image(x, reduce='mean') for K > 1")
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    weights["visual.class_embedding"] = weights["visual.class_embedding"][0]  # (1, D) -> openai's (D,)
-    config = dict(embed_dim=c.embed_dim, quick_gelu=c.quick_gelu,
-                  vision_cfg=dict(image_size=c.image_size, patch_size=c.patch_size, width=c.vision_width,
-                                  layers=c.vision_layers, head_width=c.vision_width // c.vision_heads),
-                  text_cfg=dict(context_length=c.context_length, vocab_size=c.vocab_size, width=c.text_width,
-                                heads=c.text_heads, layers=c.text_layers))
-    return weights, config
-
-
-# ----------------------------------------------------------------------------------------------------
-# python model.py: the cost table, or --export
+# python model.py: the cost table
 
 
 def count(module):
@@ -528,26 +439,10 @@ def count(module):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of each preset and design; or export.")
+    parser = argparse.ArgumentParser(description="Parameters and forward FLOPs of each preset and design.")
     parser.add_argument("--branches", type=int, nargs="+", default=[1, 4], help="values of K to tabulate")
     parser.add_argument("--texts", type=int, default=6, help="M texts per image for the last column")
-    parser.add_argument("--export", nargs=2, metavar=("CKPT", "OUT"),
-                        help="a K = 1 checkpoint -> open_clip state dict OUT and its model config OUT.json")
     args = parser.parse_args()
-    if args.export:
-        path, out = args.export
-        try:
-            ckpt = read_checkpoint(path)
-            model = HolisticCLIP(ModelConfig(**ckpt["config"]))
-            model.load_state_dict(ckpt["model"])
-            weights, config = to_open_clip(model)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-        torch.save(weights, out)
-        with open(os.path.splitext(out)[0] + ".json", "w") as f:
-            json.dump(config, f, indent=1)
-        print(f"{out} and {os.path.splitext(out)[0]}.json: open_clip.model.CLIP(**config).load_state_dict(weights)")
-        return
     print(f"{'preset':6} {'design':6} {'K':>2} | {'vision M':>8} {'text M':>7} {'total M':>7} {'+/branch':>9} | "
           f"{'GF image':>8} {'GF text':>7} {f'GF 1+{args.texts}':>7}")
     for name, preset in PRESETS.items():

@@ -38,8 +38,10 @@ from tqdm import tqdm
 from data import DataError, ImageTextDataset, Tokenizer, check_images, make_loader, read_records, tokenizer_path
 from eval import embed_split, evaluate, print_table, retrieval_metrics
 from loss import branch_diversity, m2m_loss
-from model import (PRESETS, HolisticCLIP, ModelConfig, flops_per_sample, load_clip, read_checkpoint,
-                   write_checkpoint)
+from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample, read_checkpoint, write_checkpoint
+from prepare.cache import cached_records
+from prepare.clip import load_clip
+from prepare.shards import ShardDataset, expand_shards
 from prepare.world import make_world, world_mismatch
 
 # -----------------------------------------------------------------------------
@@ -227,34 +229,26 @@ else:
     elif args.train_data is None and (why := world_mismatch(os.path.dirname(train_path))):
         fail(f"{why}: move it away (the next run writes the default world) "
              f"or train on it as it is with --train-data {train_path}")
-    # M, the texts per image, comes from the data; the val split must have the same M
     val_path = args.val_data or os.path.join(os.path.dirname(train_path), "val.jsonl")
     read = dict(captions=args.captions, on_count=args.caption_count, skip_bad=args.skip_bad, sep=args.csv_separator)
-    # bad input stops here, before the first step, with FILE:LINE and the reason (or is skipped and counted
-    # with --skip-bad): every record is parsed and every image opened and verified
+    shards = ".tar" in train_path  # webdataset-style tar shards ('dir/{00000..00099}.tar'), else a jsonl/CSV file
     try:
-        train_records = check_images(train_path, read_records(train_path, **read), args.skip_bad)
-        M = len(train_records[0]["caption"])
-        if args.val_data == "none":
-            val_records = None
-        elif os.path.exists(val_path):
-            val_records = check_images(val_path, read_records(val_path, **{**read, "captions": M}), args.skip_bad)
-        elif args.val_data is None:
-            val_records = None  # no val.jsonl beside the train data
-        else:
-            raise DataError(f"{val_path}: --val-data not found (give --val-data none to train without one)")
-        # the tokenizer: from the checkpoint when resuming, else the data's own (beside the real file, not a
-        # link to it), else trained on the captions by rank 0 and kept beside the data, or with the run when
-        # the data's folder is read-only
+        # the tokenizer: from the checkpoint when resuming, or --tokenizer, else the data's own (beside the real
+        # file, not a link to it), else trained on the captions by rank 0 and kept beside the data, or with the
+        # run when the data's folder is read-only
         tok_path, run_tok = tokenizer_path(train_path), os.path.join(run_dir, "tokenizer.json")
+        train_records = None  # read here only when a tokenizer must be trained on them
         if ckpt is not None:
             tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
         elif args.tokenizer:
             tokenizer = Tokenizer.load(args.tokenizer)
         elif os.path.exists(tok_path):
             tokenizer = Tokenizer.load(tok_path)
+        elif shards:
+            raise DataError(f"{train_path}: shards need a tokenizer: --tokenizer, or a tokenizer.json beside them")
         else:
             if master:
+                train_records = check_images(train_path, read_records(train_path, **read), args.skip_bad)
                 tokenizer = Tokenizer.train([c for r in train_records for c in r["caption"]], args.vocab_size)
                 try:
                     tokenizer.save(tok_path)
@@ -264,21 +258,51 @@ else:
                 print(f"trained a {args.vocab_size}-token BPE on the train captions -> {tok_path}")
             barrier()
             tokenizer = Tokenizer.load(tok_path if os.path.exists(tok_path) else run_tok)
+        # the train set. Shards are streamed; their bad samples stop the run when met, named by shard and member.
+        # A jsonl/CSV file: bad input stops here, before the first step, with FILE:LINE and the reason (or is skipped
+        # and counted with --skip-bad): rank 0 parses every record, opens and verifies every image and tokenises
+        # the captions into the token cache beside the data (or with the run when that folder is read-only); the
+        # other ranks, and later runs on the same data, memory-map it
+        if shards:
+            train_set = ShardDataset(expand_shards(train_path), tokenizer, arch["image_size"], args.batch_size,
+                                     args.captions, arch["context_length"], args.seed, rank, world, args.workers,
+                                     args.caption_count, args.skip_bad)
+        else:
+            writable = os.access(os.path.dirname(os.path.realpath(train_path)), os.W_OK)
+            cache = dict(cache=None if writable else os.path.join(run_dir, "train.cache"),
+                         context_length=arch["context_length"], **read)
+            if master:
+                cached_records(train_path, tokenizer, records=train_records, **cache)
+            barrier()
+            train_set = ImageTextDataset(cached_records(train_path, tokenizer, build=False, **cache), tokenizer,
+                                         arch["image_size"], train=True, seed=args.seed)
+        M = train_set.M
+        # the val split must have the train set's M
+        if args.val_data == "none":
+            val_records = None
+        elif os.path.exists(val_path):
+            val_records = check_images(val_path, read_records(val_path, **{**read, "captions": M}), args.skip_bad)
+        elif args.val_data is None:
+            val_records = None  # no val.jsonl beside the train data
+        else:
+            raise DataError(f"{val_path}: --val-data not found (give --val-data none to train without one)")
     except DataError as e:
         fail(e)
     vocab = tokenizer.vocab_size
-    ds = dict(tokenizer=tokenizer, image_size=arch["image_size"], context_length=arch["context_length"],
-              seed=args.seed)
-    train_set = ImageTextDataset(train_records, train=True, **ds)  # all captions tokenised here, once
-    val_set = ImageTextDataset(val_records, **ds) if val_records else None
-    if master and tokenizer.truncated:
-        print(f"note: {tokenizer.truncated} captions were truncated to {arch['context_length']} tokens")
-    steps_per_epoch = len(train_set) // (args.batch_size * world)  # drop_last: full global batches only
+    val_set = ImageTextDataset(val_records, tokenizer, arch["image_size"], context_length=arch["context_length"],
+                               seed=args.seed) if val_records else None
+    truncated = tokenizer.truncated + (0 if shards else train_set.records.truncated)
+    if master and truncated:
+        print(f"note: {truncated} captions were truncated to {arch['context_length']} tokens")
+    steps_per_epoch = (train_set.batches * train_set.workers if shards else
+                       len(train_set) // (args.batch_size * world))  # drop_last: full global batches only
     if steps_per_epoch == 0:
         fail(f"{train_path}: {len(train_set)} records are fewer than one global batch of {args.batch_size * world}")
 
     def epoch_batches(epoch, skip):
-        # the order is a function of (seed, epoch) and the skipped batches are never loaded: exact resume
+        # the order is a function of (seed, epoch) and the skipped batches are never used: exact resume
+        if shards:
+            return train_set.loader(epoch, skip, pin_memory=device.type == "cuda")
         return make_loader(train_set, args.batch_size, train=True, workers=args.workers, seed=args.seed,
                            epoch=epoch, skip_batches=skip, pin_memory=device.type == "cuda")
 
@@ -322,7 +346,8 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"par
 
 def data_key():
     """What a checkpoint must share with the run that resumes it: the training set's size and M, and W."""
-    return {"records": len(train_set) if train_set else 0, "M": M, "ranks": world}
+    key = {"records": len(train_set) if train_set else 0, "M": M, "ranks": world}
+    return {**key, "workers": args.workers} if isinstance(train_set, ShardDataset) else key
 
 
 def drop_metrics_after(step):

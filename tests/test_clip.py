@@ -15,8 +15,9 @@ import warnings
 import pytest
 import torch
 
-from data import ClipTokenizer, DataError, Tokenizer
-from model import PRESETS, HolisticCLIP, ModelConfig, load_clip, to_open_clip, write_checkpoint
+from data import DataError, Tokenizer
+from model import PRESETS, HolisticCLIP, ModelConfig, write_checkpoint
+from prepare.clip import ClipTokenizer, load_clip, to_open_clip
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is a test-only dependency: pip install open_clip_torch")
 from open_clip.tokenizer import SimpleTokenizer, default_bpe  # noqa: E402 (after the skip)
@@ -162,12 +163,12 @@ def test_every_file_kind_loads_and_misfits_are_named(tmp_path):
 
 
 def test_export_command_gives_an_open_clip_model(tmp_path):
-    """python model.py --export on a K = 1 tiny-preset checkpoint: open_clip builds the custom config from the
+    """python prepare/clip.py --export on a K = 1 tiny-preset checkpoint: open_clip builds the custom config from the
     .json, loads the weights with strict=True, and gives our embeddings (float64); K > 1 is refused."""
     c = {**PRESETS["tiny"], "vocab_size": 1024}
     model = HolisticCLIP(ModelConfig(**c)).double().eval()
     write_checkpoint({"config": dataclasses.asdict(model.config), "model": model.state_dict()}, str(tmp_path / "k1.pt"))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "--export", str(tmp_path / "k1.pt"),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare", "clip.py"), "--export", str(tmp_path / "k1.pt"),
                         str(tmp_path / "clip.bin")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     back = open_clip.model.CLIP(**json.load(open(tmp_path / "clip.json"))).double().eval()
@@ -179,6 +180,6 @@ def test_export_command_gives_an_open_clip_model(tmp_path):
         assert torch.allclose(back.encode_text(tokens, normalize=True), model.encode_text(tokens), atol=1e-12)
     k4 = HolisticCLIP(ModelConfig(**c, branches=4))
     write_checkpoint({"config": dataclasses.asdict(k4.config), "model": k4.state_dict()}, str(tmp_path / "k4.pt"))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "--export", str(tmp_path / "k4.pt"),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare", "clip.py"), "--export", str(tmp_path / "k4.pt"),
                         str(tmp_path / "no.bin")], capture_output=True, text=True)
     assert r.returncode == 1 and "reduce='mean'" in r.stderr and not (tmp_path / "no.bin").exists()

@@ -363,7 +363,8 @@ def test_pretrained_clip_starts_every_branch(world, tmp_path, monkeypatch):
     a K = M run: at a learning rate of 1e-12 the first checkpoint holds its weights, the class token K times. A
     file for another preset stops before training, naming the parameter and both shapes."""
     from data import Tokenizer
-    from model import PRESETS, HolisticCLIP, ModelConfig, to_open_clip
+    from model import PRESETS, HolisticCLIP, ModelConfig
+    from prepare.clip import to_open_clip
     vocab = Tokenizer.load(str(world / "tokenizer.json")).vocab_size
     clip, _ = to_open_clip(HolisticCLIP(ModelConfig(**PRESETS["tiny"], vocab_size=vocab)))
     torch.save(clip, tmp_path / "clip.pt")
@@ -386,3 +387,16 @@ def test_pretrained_clip_starts_every_branch(world, tmp_path, monkeypatch):
                          "--pretrained", str(tmp_path / "clip.pt"), "--max-steps", "1")
     assert message == (f"error: --pretrained {tmp_path / 'clip.pt'}: positional_embedding: the checkpoint's shape "
                        "(32, 64) does not fit this model's (77, 256)"), message
+
+
+def test_shards_train_and_resume_exactly(world, tmp_path):
+    """--train-data 'DIR/{00000..00007}.tar' with 2 loader processes: a run stopped after step 3 and resumed
+    logs the same losses as a straight run (the resumed epoch skips 3 batches, an odd number of them)."""
+    from prepare.shards import write_shards
+    pattern = write_shards(str(world / "train.jsonl"), str(tmp_path / "shards"), shard_size=6)
+    flags = ("--train-data", pattern, "--val-data", "none", "--workers", "2", "--max-steps", "5")
+    train(world, tmp_path / "runs", *flags, "--name", "straight")
+    train(world, tmp_path / "runs", *flags, "--name", "split", "--stop-at-step", "3")
+    train(world, tmp_path / "runs", *flags, "--name", "split", "--resume", "latest")
+    assert losses(tmp_path / "runs" / "split") == losses(tmp_path / "runs" / "straight")
+    assert sorted(losses(tmp_path / "runs" / "straight")) == [1, 2, 3, 4, 5]

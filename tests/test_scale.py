@@ -1,0 +1,157 @@
+"""The data path at scale: the token cache (equal to tokenising directly, rebuilt on any change, never used when
+corrupt) and tar shards (every sample once per epoch across ranks and workers, deterministic, exact resume, bad
+samples named by shard and member).
+
+    python -m pytest -q tests/test_scale.py
+"""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from data import DataError, Tokenizer, read_records
+from prepare.cache import CachedRecords, cached_records
+from prepare.shards import ShardDataset, expand_shards, read_shard, shard_sample, write_shards
+from prepare.world import make_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    make_world(str(out), train_size=48, val_size=8, seed=1)
+    return out
+
+
+def direct(records, tok, T):
+    """What ImageTextDataset tokenises from a list of records: the reference."""
+    return tok.tokenize([c for r in records for c in r["caption"]], T).view(len(records), -1, T)
+
+
+# -----------------------------------------------------------------------------
+# the token cache
+
+@pytest.mark.parametrize("vocab, dtype", [(None, np.uint16), (70_000, np.int32)])
+def test_cache_equals_direct_tokenisation(world, tmp_path, vocab, dtype):
+    """Bit for bit, for a vocabulary that fits uint16 (the world's) and one that needs int32; the paths and line
+    numbers are the records'; built in 2 processes, read back in this one."""
+    tok = Tokenizer.load(world / "tokenizer.json") if vocab is None else Tokenizer([], vocab)
+    records = read_records(str(world / "train.jsonl"))
+    cache = cached_records(str(world / "train.jsonl"), tok, 20, cache=str(tmp_path / "c"), workers=2)
+    assert cache.tokens.dtype == dtype and len(cache) == len(records) and cache.M == len(records[0]["caption"])
+    assert torch.equal(torch.from_numpy(cache.tokens.astype(np.int64)), direct(records, tok, 20))
+    assert cache.truncated > 0  # T = 20 cuts some detail captions: counted as ImageTextDataset counts them
+    assert [cache[i] for i in range(len(cache))] == [{"image": r["image"], "line": r["line"]} for r in records]
+
+
+def test_cache_is_rebuilt_on_any_change(world, tmp_path, capsys):
+    """A changed data file, another tokenizer or T, a corrupt byte or a truncated file: rebuilt, never used."""
+    data = tmp_path / "train.jsonl"
+    data.write_text((world / "train.jsonl").read_text().replace('"images/', f'"{world}/images/'))
+    tok, path = Tokenizer.load(world / "tokenizer.json"), str(tmp_path / "train.jsonl.cache")
+    first = cached_records(str(data), tok, 32)
+    assert os.path.exists(path) and torch.equal(torch.from_numpy(first.tokens.astype(np.int64)),
+                                                direct(read_records(str(data)), tok, 32))
+    data.write_text(data.read_text().replace("square", "circle"))  # same size in lines, other captions
+    changed = cached_records(str(data), tok, 32)
+    assert torch.equal(torch.from_numpy(changed.tokens.astype(np.int64)), direct(read_records(str(data)), tok, 32))
+    assert not np.array_equal(changed.tokens, first.tokens)
+    other = Tokenizer.train(["circle square"] * 10, 300)
+    assert cached_records(str(data), other, 32).tokens.max() < 300  # rebuilt with the other tokenizer
+    assert cached_records(str(data), other, 24).tokens.shape[2] == 24
+    key = np.array(cached_records(str(data), other, 24).tokens)  # warm: the same file, opened again (a copy)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # one flipped byte in the last token row
+        f.seek(size - 3)
+        byte = f.read(1)
+        f.seek(size - 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        cached_records(str(data), other, 24, build=False)  # a rank that only opens: an error, not a wrong token
+    assert np.array_equal(cached_records(str(data), other, 24).tokens, key)  # rank 0: rebuilt
+    assert "truncated or corrupt (its checksum does not match): building it again" in capsys.readouterr().err
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+    assert np.array_equal(cached_records(str(data), other, 24).tokens, key)
+    with pytest.raises(ValueError, match="built from other data"):
+        CachedRecords(path, {"another": "key"})
+
+
+# -----------------------------------------------------------------------------
+# tar shards
+
+@pytest.fixture(scope="module")
+def shards(world, tmp_path_factory):
+    """The 48 world images in 8 shards of 6, written by prepare/shards.py's writer."""
+    out = tmp_path_factory.mktemp("shards")
+    pattern = write_shards(str(world / "train.jsonl"), str(out), shard_size=6)
+    assert pattern == f"{out}/{{00000..00007}}.tar" and os.path.exists(out / "tokenizer.json")
+    return pattern
+
+
+def shard_set(pattern, rank=0, world=1, workers=0, batch=3, skip_bad=False):
+    tok = Tokenizer.load(os.path.join(os.path.dirname(pattern), "tokenizer.json"))
+    return ShardDataset(expand_shards(pattern), tok, 64, batch, None, 32, seed=0, rank=rank, world=world,
+                        workers=workers, skip_bad=skip_bad)
+
+
+def test_expand_shards():
+    assert expand_shards("a/{008..011}.tar") == ["a/008.tar", "a/009.tar", "a/010.tar", "a/011.tar"]
+    assert expand_shards("{0..1}-{a..b}/{1..2}.tar") == ["0-{a..b}/1.tar", "0-{a..b}/2.tar", "1-{a..b}/1.tar",
+                                                         "1-{a..b}/2.tar"]
+    assert expand_shards("one.tar") == ["one.tar"]
+
+
+def test_every_sample_once_per_epoch_across_2_ranks_and_2_workers(shards, world):
+    """4 consumers (2 ranks x 2 workers) read disjoint shards; together they read every record exactly once, each
+    consumer in an order that depends on (seed, epoch) only, and every rank yields the same number of batches."""
+    keys = {}
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(2):
+            ds = shard_set(shards, rank, 2, workers=2)
+            ds.epoch = epoch
+            seen += [(shard, key) for c in (2 * rank, 2 * rank + 1) for shard, key, _ in ds.samples(c)]
+        assert len(seen) == len(set(seen)) == len(read_records(str(world / "train.jsonl")))
+        keys[epoch] = seen
+    assert sorted(keys[0]) == sorted(keys[1]) and keys[0] != keys[1]  # the same samples, reshuffled
+    batches = [list(shard_set(shards, rank, 2, workers=2).loader(0)) for rank in range(2)]
+    assert len(batches[0]) == len(batches[1]) == 8  # 2 workers x (12 samples // 3)
+    again = list(shard_set(shards, 0, 2, workers=2).loader(0))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches[0], again))
+
+
+def test_resume_skips_exactly(shards):
+    """loader(epoch, skip_batches=k) yields what the full epoch yields from batch k on: the same images (crops
+    included) and tokens, with 2 workers taking turns."""
+    full = list(shard_set(shards, workers=2).loader(1))
+    for k in (1, 3, 4):
+        rest = list(shard_set(shards, workers=2).loader(1, skip_batches=k))
+        assert len(rest) == len(full) - k
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[k:], rest))
+
+
+def test_a_bad_sample_is_named_by_shard_and_member(shards, tmp_path, capsys):
+    """A corrupt image in a shard: DataError "SHARD: MEMBER: cannot read image"; with skip_bad it is skipped and
+    printed, and the others cover for it (one batch of 5 from the 5 good samples). A sample without a caption
+    file is named by shard and key."""
+    members = list(read_shard(expand_shards(shards)[0]))
+    bad = tmp_path / "00000.tar"
+    with tarfile.open(bad, "w") as tar:
+        for i, (key, parts) in enumerate(members):
+            for ext, blob in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                blob = b"not a png" if (i, ext) == (2, "png") else blob
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    (tmp_path / "tokenizer.json").write_text(open(os.path.join(os.path.dirname(shards), "tokenizer.json")).read())
+    with pytest.raises(DataError, match=rf"{bad}: {members[2][0]}.png: cannot read image"):
+        list(shard_set(str(bad), batch=1).loader(0))
+    got = list(shard_set(str(bad), batch=5, skip_bad=True).loader(0))
+    assert len(got) == 1 and len(got[0][0]) == 5
+    assert f"skipped: {bad}: {members[2][0]}.png: cannot read image" in capsys.readouterr().err
+    with pytest.raises(DataError, match=rf"{bad}: {members[4][0]}: a sample needs an image .* and a .json or .txt"):
+        shard_sample(str(bad), members[4][0], {"png": members[4][1]["png"]})
