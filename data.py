@@ -305,7 +305,8 @@ class Tokenizer:
                 self.truncated += 1
             # every row is exactly T ids long: PAD (0) fills the rest, so the rows stack into one tensor
             rows.append(ids + [self.pad] * (context_length - len(ids)))
-        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(texts), context_length))  # numpy: 8x torch.tensor
+        # through numpy: 8x faster than torch.tensor on lists
+        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(texts), context_length))
 
     def to_dict(self):  # plain ints and lists: survives torch.load(weights_only=True) inside checkpoints
         return {"vocab_size": self.vocab_size, "merges": [list(p) for p in self.merges]}
@@ -372,8 +373,8 @@ def image_transform(image_size, train):
 class ImageTextDataset(Dataset):
     """(image float (3, S, S), tokens long (M, T)) per record. records: a list (read_records), its captions all
     tokenised here, once; or records that bring their tokens (prepare/cache.py: memory-mapped, for millions of
-    records; tokenizer unused). The images are read lazily. Training augmentation of sample i depends only on (seed, epoch, i), so a resumed run, any number of
-    workers and any rank replay exactly the same crops."""
+    records; tokenizer unused). The images are read lazily. Training augmentation of sample i depends only on
+    (seed, epoch, i), so a resumed run, any number of workers and any rank replay exactly the same crops."""
 
     def __init__(self, records, tokenizer, image_size, train=False, context_length=77, seed=0):
         self.records, self.train, self.seed, self.epoch = records, train, seed, 0

@@ -203,8 +203,9 @@ if master:
 # data: records -> tokenizer -> datasets -> epoch_batches(epoch, skip), one epoch of this rank's share at a
 # time. The default is the synthetic world, generated on first use. The image size and context length come
 # from the architecture (the checkpoint's when resuming), so the datasets exist before the model does.
-arch = ckpt["config"] if ckpt is not None else {**PRESETS[args.model], "quick_gelu": args.force_quick_gelu,
-                                                  "image_size": args.force_image_size or PRESETS[args.model]["image_size"]}
+preset = PRESETS[args.model]
+arch = ckpt["config"] if ckpt is not None else {**preset, "quick_gelu": args.force_quick_gelu,
+                                                  "image_size": args.force_image_size or preset["image_size"]}
 if args.synthetic_tensors:
     # throughput only: one random batch made on the device and reused every step; nothing is read or saved
     M, tokenizer, vocab = args.texts or args.branches or 1, None, 49408  # 49408: openai/CLIP's BPE vocabulary

@@ -31,9 +31,10 @@ from model import HolisticCLIP, ModelConfig, read_checkpoint  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # CLIP's own BPE, read from the user's copy of bpe_simple_vocab_16e6.txt.gz (it ships inside the openai `clip` and
-# `open_clip` packages), so that a pretrained text tower sees the ids it was trained on. data.Tokenizer's machinery
-# (ranks, _merge, PAD 0, SOT = V - 2, EOT = V - 1, truncation) with CLIP's conventions: ids 0..255 are the bytes in CLIP's
-# order (printable Latin-1 first), 256..511 the same bytes ending a word ("</w>"), merge k makes id 512 + k; V = 49,408.
+# `open_clip` packages), so that a pretrained text tower sees the ids it was trained on. data.Tokenizer's
+# machinery (ranks, _merge, PAD 0, SOT = V - 2, EOT = V - 1, truncation) with CLIP's conventions: ids 0..255 are
+# the bytes in CLIP's order (printable Latin-1 first), 256..511 the same bytes ending a word ("</w>"), merge k makes
+# id 512 + k; V = 49,408.
 
 CLIP_BYTES = [*range(33, 127), *range(161, 173), *range(174, 256)]  # CLIP's byte order: these 188 first, then the rest
 CLIP_BYTES += [b for b in range(256) if b not in CLIP_BYTES]
@@ -41,9 +42,10 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
 
 def _clip_words(chunk):
-    r"""CLIP's pre-tokenisation of one space-free chunk, its regex 's|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
-    written out with unicodedata (no `regex` package): contractions, runs of letters, single digits, runs of anything
-    else. (CLIP also matches its special-token strings; here they are plain text.)"""
+    r"""CLIP's pre-tokenisation of one space-free chunk, its regex
+    's|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+ written out with unicodedata (no `regex` package):
+    contractions, runs of letters, single digits, runs of anything else. (CLIP also matches its special-token
+    strings; here they are plain text.)"""
     kind = [unicodedata.category(ch)[0] if unicodedata.category(ch)[0] in "LN" else "other" for ch in chunk]
     words, i = [], 0
     while i < len(chunk):

@@ -45,25 +45,33 @@ def expand_shards(pattern):
             for path in expand_shards(pattern[:hit.start()] + str(i).zfill(len(a)) + pattern[hit.end():])]
 
 
+def key_and_extension(name):
+    """'dir/000123.jpg' -> ('dir/000123', 'jpg'): the sample's key ends at the first dot of the file name."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:].lower())
+
+
 def shard_sizes(shards):
     """Samples per shard: from sizes.json beside them, else by reading every shard's member names once."""
     sizes = os.path.join(os.path.dirname(shards[0]), "sizes.json")
     known = json.load(open(sizes)) if os.path.exists(sizes) else {}
-    return [known.get(os.path.basename(s)) or len({m.name.split(".")[0] for m in tarfile.open(s) if m.isfile()})
-            for s in shards]
+    return [known.get(os.path.basename(s)) or
+            len({key_and_extension(m.name)[0] for m in tarfile.open(s) if m.isfile()}) for s in shards]
 
 
 def read_shard(path):
-    """Yield (key, {extension: bytes}) for each sample of a tar, its members grouped by the name before the dot."""
+    """Yield (key, {extension: bytes}) for each sample of a tar: its consecutive members with that key."""
     try:
         with tarfile.open(path, "r|*") as tar:  # a stream: one pass, nothing seeks
             key, parts = None, {}
             for member in tar:
-                k, _, ext = member.name.partition(".")
+                if not member.isfile():
+                    continue
+                k, ext = key_and_extension(member.name)
                 if key is not None and k != key:
                     yield key, parts
                     parts = {}
-                key, parts[ext.lower()] = k, tar.extractfile(member).read() if member.isfile() else b""
+                key, parts[ext] = k, tar.extractfile(member).read()
             if parts:
                 yield key, parts
     except (OSError, tarfile.TarError) as e:
@@ -102,8 +110,8 @@ class ShardDataset(IterableDataset):
     shards c, c + C, c + 2C, ... (the same ones every epoch, in an order shuffled by (seed, epoch)), shuffles its
     samples in a buffer of 1,000 and yields exactly `batches` batches: the smallest consumer's count, so no rank
     waits for another and a rank's batch j comes from its worker j % workers. Resuming skips batches by reading
-    their samples without decoding them: exact. Bad samples stop the run, named by shard and member, or with
-    skip_bad are skipped and printed (the other samples of the shard cover for them)."""
+    and decoding their samples without transforming them: exact. Bad samples stop the run, named by shard and
+    member, or with skip_bad are skipped and printed (the other samples of the shard cover for them)."""
 
     def __init__(self, shards, tokenizer, image_size, batch_size, M, context_length=77, seed=0, rank=0, world=1,
                  workers=0, on_count="error", skip_bad=False):
@@ -114,8 +122,10 @@ class ShardDataset(IterableDataset):
         self.batches = min(sum(self.sizes[c::C]) for c in range(C)) // batch_size  # per consumer and epoch
         if M is None:  # the first sample's count, as read_records takes the first record's
             M = len(shard_sample(shards[0], *next(read_shard(shards[0])))[1])
-        self.tokenizer, self.transform, self.B, self.M, self.T = tokenizer, image_transform(image_size, True), batch_size, M, context_length
-        self.seed, self.rank, self.workers, self.on_count, self.skip_bad = seed, rank, max(workers, 1), on_count, skip_bad
+        self.tokenizer, self.transform = tokenizer, image_transform(image_size, train=True)
+        self.B, self.M, self.T, self.seed, self.rank = batch_size, M, context_length, seed, rank
+        self.workers = max(workers, 1)
+        self.on_count, self.skip_bad = on_count, skip_bad
         self.C, self.epoch, self.skip = C, 0, 0  # set by loader() before each epoch
 
     def __len__(self):  # samples in all shards

@@ -19,7 +19,7 @@ from data import DataError, Tokenizer
 from model import PRESETS, HolisticCLIP, ModelConfig, write_checkpoint
 from prepare.clip import ClipTokenizer, load_clip, to_open_clip
 
-open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is a test-only dependency: pip install open_clip_torch")
+open_clip = pytest.importorskip("open_clip", reason="a test-only dependency: pip install open_clip_torch")
 from open_clip.tokenizer import SimpleTokenizer, default_bpe  # noqa: E402 (after the skip)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +154,7 @@ def test_every_file_kind_loads_and_misfits_are_named(tmp_path):
         assert all(torch.equal(got[k], state[k].reshape(got[k].shape)) for k in want), name
     with pytest.raises(ValueError, match=r"visual.class_embedding: the checkpoint's shape \(64,\) does not fit "
                                          r"this model's \(1, 96\)"):
-        load_clip(HolisticCLIP(ModelConfig(**{**SMALL, "vision_width": 96, "vision_heads": 2})), str(tmp_path / "train.pt"))
+        load_clip(HolisticCLIP(ModelConfig(**{**SMALL, "vision_width": 96})), str(tmp_path / "train.pt"))
     torch.save({**state, "visual.attnpool.weight": torch.zeros(1)}, tmp_path / "extra.pt")
     with pytest.raises(ValueError, match="1 parameters have no place here"):
         load_clip(HolisticCLIP(ModelConfig(**SMALL)), str(tmp_path / "extra.pt"))
