@@ -155,3 +155,19 @@ def test_a_bad_sample_is_named_by_shard_and_member(shards, tmp_path, capsys):
     assert f"skipped: {bad}: {members[2][0]}.png: cannot read image" in capsys.readouterr().err
     with pytest.raises(DataError, match=rf"{bad}: {members[4][0]}: a sample needs an image .* and a .json or .txt"):
         shard_sample(str(bad), members[4][0], {"png": members[4][1]["png"]})
+
+
+def test_cache_command_builds_what_train_py_opens(world, tmp_path):
+    """python prepare/cache.py with its defaults writes the cache that train.py's defaults (the same read options,
+    T of the tiny preset) open without building: the other ranks' path (build=False)."""
+    import subprocess
+    import sys
+    data = tmp_path / "train.jsonl"
+    data.write_text((world / "train.jsonl").read_text().replace('"images/', f'"{world}/images/'))
+    (tmp_path / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "prepare", "cache.py"),
+                        str(data), "--context-length", "32"], capture_output=True, text=True)
+    assert r.returncode == 0 and "48 records, M = 6, T = 32, uint16" in r.stdout, r.stderr
+    read = dict(captions=None, on_count="error", skip_bad=False, sep=None)  # train.py's defaults
+    cache = cached_records(str(data), Tokenizer.load(tmp_path / "tokenizer.json"), 32, build=False, **read)
+    assert len(cache) == 48
