@@ -67,18 +67,22 @@ def branch_mean(img):
 # retrieval with the multi-caption protocol, on the scores s(i, (j, m)) = <branch_mean(img)[i], txt[j, m]>
 # Image -> text: image i is a hit at k when ANY of its M captions is among the k best of all n*M texts.
 # Text -> image: every caption (j, m) is a query; a hit at k when image j is among the k best of n images.
+# Duplicates (text_ids given): a caption identical to one of the query image's own counts as its own, both ways
+# (for "a blurred style picture", every image captioned so is a right answer), so shared texts cost nothing.
 # Tie rule, ties count against the query: a query's rank is the number of WRONG candidates scoring >= its
 # (best) correct one, 0 = first place, and hit@k <=> rank < k. A model that scores everything alike gets 0.
 # NaN (a broken model) counts against too: ~(s < t), not s >= t (False for NaN); a NaN correct score: no hit at any k.
 # Chunking: the (n, n, M) score tensor is built tile by tile (chunk images x chunk images x M) and only
 # counts per query are kept, so 100k images x 500k texts need O(chunk^2 M + n M) memory, not n x nM.
 
-def retrieval_metrics(img, txt, branch="mean", ks=(1, 5, 10), chunk=1024):
+def retrieval_metrics(img, txt, branch="mean", ks=(1, 5, 10), chunk=1024, text_ids=None):
     """img (n, K, E), txt (n, M, E) -> {"i2t_R@k", "t2i_R@k", "slot{m}/i2t_R@k", "slot{m}/t2i_R@k"} in %.
-    branch="mean" is the official aggregation; an int k scores with branch k alone."""
+    branch="mean" is the official aggregation; an int k scores with branch k alone. text_ids (n, M): equal ids
+    for identical texts (text_ids()), for the duplicate rule above; None: every text is distinct."""
     q = branch_mean(img) if branch == "mean" else img[:, branch]  # (n, E) the image side of every score
     txt = txt.to(q.device)
     n, M, _ = txt.shape
+    text_ids = None if text_ids is None else text_ids.to(q.device)
     blocks = [slice(a, min(a + chunk, n)) for a in range(0, n, chunk)]
 
     def tile(a, b):  # images a against the captions of images b: (|a|, |b|, M)
@@ -96,7 +100,10 @@ def retrieval_metrics(img, txt, branch="mean", ks=(1, 5, 10), chunk=1024):
     pairs = [(a, b) for a in blocks for b in blocks]
     for a, b in tqdm(pairs, desc="retrieval", disable=None if len(pairs) > 1 else True):
         s = tile(a, b)                                     # (|a|, |b|, M)
-        wrong = (ids[a, None] != ids[None, b])[..., None]  # (|a|, |b|, 1): pairs of different images
+        if text_ids is None:
+            wrong = (ids[a, None] != ids[None, b])[..., None]  # (|a|, |b|, 1): pairs of different images
+        else:  # (|a|, |b|, M): caption (j, m) is none of image i's own texts
+            wrong = ~(text_ids[None, b, :, None] == text_ids[a, None, None, :]).any(-1)
         rank_i2t[a] += (~(s < best[a, None, None]) & wrong).sum((1, 2))
         rank_slot[a] += (~(s < pos[a, None, :]) & wrong).sum(1)
         rank_t2i[b] += (~(s < pos[None, b, :]) & wrong).sum(0)
@@ -109,6 +116,23 @@ def retrieval_metrics(img, txt, branch="mean", ks=(1, 5, 10), chunk=1024):
         out.update({f"slot{m}/{d}_R@{k}": recall(r, k) for d, r in
                     (("i2t", rank_slot[:, m]), ("t2i", rank_t2i[:, m])) for k in ks})
     return out
+
+
+def text_ids(tokens):
+    """tokens (n, M, T) -> (n, M) long, equal exactly for identical token rows (identical texts)."""
+    return torch.unique(tokens.flatten(0, 1), dim=0, return_inverse=True)[1].view(tokens.shape[:2])
+
+
+@torch.no_grad()
+def held_out(model, dataset, tokenizer, batch_size=256, device="cpu"):
+    """The split's held-out captions (prepare/world.py's "human": H per image, never trained on) -> (txt (n, H, E)
+    unit float32 on the CPU, their text_ids); None when not every record has H of them."""
+    captions = [r.get("human") for r in dataset.records]
+    if tokenizer is None or not all(isinstance(c, list) and c and len(c) == len(captions[0]) for c in captions):
+        return None
+    tokens = tokenizer.tokenize([t for c in captions for t in c], model.config.context_length)  # (n * H, T)
+    txt = torch.cat([model.encode_text(t.to(device)).float().cpu() for t in tokens.split(batch_size)])
+    return txt.view(len(captions), -1, txt.shape[-1]), text_ids(tokens.view(len(captions), -1, tokens.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,18 +261,27 @@ def world_shaped(v, key):
             and all(isinstance(o, dict) and o.get("shape") in world.SHAPES and "box" in o for o in v["objects"]))
 
 
-def evaluate(model, dataset, device="cpu", batch_size=256, workers=0, embeddings=None, tokenizer=None):
-    """Retrieval (mean and per branch), branch analysis, and, given the tokenizer for the prompts (the
-    dataset keeps only token ids), zero-shot and the dense probe when every record has the world's "labels" and
-    "scene" (world_shaped; else skipped, said on stderr). embeddings: (img, txt) already computed by embed_split."""
+def evaluate(model, dataset, device="cpu", batch_size=256, workers=0, embeddings=None, tokenizer=None, views=True):
+    """The headline retrieval "i2t_R@k", "t2i_R@k": on the held-out captions when every record has them (the
+    paper's protocol: models are evaluated on texts they never trained on), else on the training texts; "own/..."
+    on the training texts (any of the M); with the duplicate rule. views: also the interpretability views (per slot
+    and per branch on the training texts, branch analysis) and the dense probe. Given the tokenizer (the dataset
+    keeps only token ids): zero-shot and the dense probe when every record has the world's "labels" and "scene"
+    (world_shaped; else skipped, said on stderr). embeddings: (img, txt) already computed by embed_split."""
     was_training = model.training
     model.eval()
     img, txt = embeddings if embeddings is not None else embed_split(model, dataset, batch_size, device, workers)
-    res = retrieval_metrics(img.to(device), txt)  # scores and counts on the device
-    for k in range(img.shape[1]):  # each branch alone: which one retrieves best?
-        r = retrieval_metrics(img.to(device), txt, branch=k, ks=(1,))
-        res[f"branch{k}/i2t_R@1"], res[f"branch{k}/t2i_R@1"] = r["i2t_R@1"], r["t2i_R@1"]
-    res.update(branch_analysis(img, txt))
+    own, ids = retrieval_metrics(img.to(device), txt, text_ids=text_ids(dataset.tokens)), text_ids(dataset.tokens)
+    heldout = held_out(model, dataset, tokenizer, batch_size, device)
+    head = retrieval_metrics(img.to(device), heldout[0], text_ids=heldout[1]) if heldout else own
+    res = {"retrieval_texts": "held-out" if heldout else "training", "n": len(img),
+           **{k: v for k, v in head.items() if "/" not in k}, **{f"own/{k}": v for k, v in own.items() if "/" not in k}}
+    if views:
+        res.update({k: v for k, v in own.items() if k.startswith("slot")})
+        for k in range(img.shape[1]):  # each branch alone: which one retrieves best?
+            r = retrieval_metrics(img.to(device), txt, branch=k, ks=(1,), text_ids=ids)
+            res[f"branch{k}/i2t_R@1"], res[f"branch{k}/t2i_R@1"] = r["i2t_R@1"], r["t2i_R@1"]
+        res.update(branch_analysis(img, txt))
     ok = {k: all(world_shaped(r.get(k), k) for r in dataset.records) for k in ("labels", "scene")}  # world's own
     for key, part in (("labels", "zero-shot"), ("scene", "dense probe")):
         if tokenizer is not None and not ok[key] and any(key in r for r in dataset.records):
@@ -259,29 +292,40 @@ def evaluate(model, dataset, device="cpu", batch_size=256, workers=0, embeddings
             labels = torch.tensor([names.index(r["labels"][kind]) for r in dataset.records])         # (n,)
             acc = topk_accuracy(branch_mean(img) @ classes.T, labels)                                 # (n, C) scores
             res[f"zs/{kind}/top1"], res[f"zs/{kind}/top5"] = acc[1], acc[5]
-    if tokenizer is not None and ok["scene"]:
+    if tokenizer is not None and ok["scene"] and views:
         res["dense_miou"] = dense_probe(model, dataset, tokenizer, batch_size, device, workers)
     model.train(was_training)
     return res
 
 
 def print_table(results, file=sys.stdout):
-    """Fixed-width: retrieval rows i2t / t2i x R@1/5/10, then R@1 per slot and per branch, and the rest."""
+    """Fixed-width: the headline retrieval rows i2t / t2i x R@1/5/10 and zero-shot, how to read them, then the views
+    on the training texts (any of the M, per slot, per branch) and the rest."""
     def row(name, cells):  # a 16-character name, then 9 characters per cell
         print(f"{name:<16}" + "".join(f"{c:>9}" for c in cells), file=file)
-    d = {"i2t": "image->text", "t2i": "text->image"}
-    row("retrieval", ["R@1", "R@5", "R@10"])
-    for x in d:
-        row(d[x], [f"{results[f'{x}_R@{k}']:.2f}" for k in (1, 5, 10)])
-    for group in ("slot", "branch"):  # M slots, K branches: counted from the keys
-        count = sum(k.startswith(group) and k.endswith("/i2t_R@1") for k in results)
-        row(f"R@1 per {group}", [f"{group[0]}{j}" for j in range(count)])
+
+    def retrieval(title, prefix=""):
+        row(title, ["R@1", "R@5", "R@10"])
         for x in d:
-            row(d[x], [f"{results[f'{group}{j}/{x}_R@1']:.2f}" for j in range(count)])
+            row(d[x], [f"{results[f'{prefix}{x}_R@{k}']:.2f}" for k in (1, 5, 10)])
+    d = {"i2t": "image->text", "t2i": "text->image"}
+    held = results.get("retrieval_texts") == "held-out"
+    retrieval("held-out texts" if held else "retrieval")
     zs = sorted({k.split("/")[1] for k in results if k.startswith("zs/")})
     if zs:
         print("zero-shot top1/top5  " + " | ".join(
             f"{z} {results[f'zs/{z}/top1']:.1f}/{results[f'zs/{z}/top5']:.1f}" for z in zs), file=file)
+    if held:
+        print(f"how to read it: compare the two above across runs (held-out image->text R@1 by chance "
+              f"{100 / results['n']:.1f} %, main_shape by chance 12.5 %); below, the texts it trained on", file=file)
+        retrieval("own texts", "own/")
+    for group in ("slot", "branch"):  # M slots, K branches: counted from the keys
+        count = sum(k.startswith(group) and k.endswith("/i2t_R@1") for k in results)
+        if not count:  # evaluate(views=False)
+            continue
+        row(f"R@1 per {group}", [f"{group[0]}{j}" for j in range(count)])
+        for x in d:
+            row(d[x], [f"{results[f'{group}{j}/{x}_R@1']:.2f}" for j in range(count)])
     extra = [f"dense mIoU {results['dense_miou']:.2f}"] if "dense_miou" in results else []
     cos = results.get("inter_branch_cos")  # None when K = 1
     extra += [f"inter-branch cos {cos:.3f}"] if cos is not None else []

@@ -42,6 +42,7 @@ class ModelConfig:
     branches: int = 1          # K image embeddings per image; K = 1 is plain CLIP
     branch_type: str = "cls"   # "cls": K class tokens | "mlp": K copies of the last L blocks' c_proj
     isolate_cls: bool = True   # CLS design: class tokens cannot see each other (the paper's intent)
+    official_mask: bool = False  # CLS design: instead, the official code's mask as it runs (isolation_mask)
     mlp_branch_layers: int = 3  # L: MLP design, how many final blocks carry K copies (paper: 3 of 12)
     quick_gelu: bool = False   # x * sigmoid(1.702 x) in the MLPs, as openai's released weights were trained
     vocab_size: int            # from the tokenizer; its largest id is EOT
@@ -97,9 +98,11 @@ class Attention(nn.Module):
         return y.movedim(-3, 0).transpose(-3, -2).unbind(0)       # 3 x (..., H, L, D/H)
 
     def forward(self, x, attn_mask=None, is_causal=False):
-        """(..., L, D) -> (..., L, D). attn_mask: bool (L, L), True = may attend."""
+        """(..., L, D) -> (..., L, D). attn_mask: bool (L, L), True = may attend; or float, added to the logits."""
         shape = x.shape
         q, k, v = self.qkv(x.reshape(-1, *shape[-2:]))  # (B', H, L, D/H) each, B' = all leading dims
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the queries' dtype (bf16 under autocast)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.out_proj(o.transpose(1, 2).reshape(shape))  # heads concatenated, (..., L, D)
 
@@ -198,10 +201,17 @@ def isolation_mask(K, N):
 
     The official code builds the opposite, "blocked" mask (nn.MultiheadAttention's convention) and
     casts it to float; a float mask is *added* to the logits, so blocked pairs get +1 instead of -inf
-    and the class tokens still see each other. This is the intended mask, not that bug."""
+    and the class tokens still see each other. This is the intended mask; official_mask=True runs that bug,
+    official_bias(K, N), as an ablation."""
     mask = torch.ones(K + N, K + N, dtype=torch.bool)
     mask[:K, :K] = torch.eye(K, dtype=torch.bool)
     return mask
+
+
+def official_bias(K, N):
+    """Float (K+N, K+N), added to the logits: +1 between two different class tokens, 0 elsewhere. What the
+    official code's mask computes (its blocked pairs cast to float), as opposed to what it means."""
+    return (~isolation_mask(K, N)).float()
 
 
 class VisionTransformer(nn.Module):
@@ -222,7 +232,8 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(D)
         self.proj = nn.Parameter(torch.empty(D, c.embed_dim))
         # a mask only when it masks something, so SDPA keeps its fast kernels otherwise
-        mask = isolation_mask(K, N) if cls_design and c.isolate_cls and K > 1 else None
+        mask = (None if not cls_design or K == 1 else official_bias(K, N) if c.official_mask
+                else isolation_mask(K, N) if c.isolate_cls else None)
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def patchify(self, images):
@@ -272,37 +283,29 @@ class HolisticCLIP(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """Every initial value in one place: openai/CLIP's stds (initialize_parameters and the
-        VisionTransformer constructor), applied to the blocks of both towers."""
-        c = self.config
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=c.text_width ** -0.5)
-        v, D = self.visual, c.vision_width
-        # conv1: openai keeps PyTorch's default (uniform, std (3 fan_in)^-0.5); written out here.
-        # A conv stem keeps PyTorch's defaults.
-        if not c.conv_stem:
-            nn.init.normal_(v.conv1.weight, std=(3 * 3 * c.patch_size ** 2) ** -0.5)
+        """Every initial value in one place, as open_clip (and openai/CLIP) start, which the official code
+        uses. Linear, Conv2d and LayerNorm already hold PyTorch's defaults from their constructors (uniform
+        weights and biases, gains 1): the image tower keeps them in conv1 and every block, the text tower's
+        weights get CLIP's stds (biases keep theirs). Attention gets what nn.MultiheadAttention gives itself:
+        xavier-uniform q, k, v, zero biases. Each copy of c_proj (MLP design) is drawn on its own, so the
+        branches start apart."""
+        c, v, D = self.config, self.visual, self.config.vision_width
+        for block in [*v.transformer.resblocks, *self.transformer.resblocks]:
+            nn.init.xavier_uniform_(block.attn.in_proj_weight)
+            nn.init.zeros_(block.attn.in_proj_bias)
+            nn.init.zeros_(block.attn.out_proj.bias)
         nn.init.normal_(v.class_embedding, std=D ** -0.5)
         nn.init.normal_(v.positional_embedding, std=D ** -0.5)
         nn.init.normal_(v.proj, std=D ** -0.5)
-        for tower, width, layers in ((v.transformer, D, c.vision_layers),
-                                     (self.transformer, c.text_width, c.text_layers)):
-            for block in tower.resblocks:
-                proj_std = width ** -0.5 * (2 * layers) ** -0.5  # residual branches shrink with depth
-                nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
-                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-                nn.init.zeros_(block.attn.in_proj_bias)
-                # each copy of c_proj (MLP design) is drawn independently, so branches start apart
-                for c_proj in block.mlp.c_proj.modules():
-                    if isinstance(c_proj, nn.Linear):
-                        nn.init.normal_(c_proj.weight, std=proj_std)
-        for m in self.modules():  # every bias 0, every LayerNorm gain 1
-            if isinstance(m, (nn.Linear, nn.LayerNorm)):
-                nn.init.zeros_(m.bias)
-            if isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width, layers = c.text_width, c.text_layers
+        for block in self.transformer.resblocks:  # residual branches shrink with depth
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
         nn.init.constant_(self.logit_scale, math.log(1 / 0.07))  # CLIP's temperature 0.07
 
     def encode_image(self, images, reduce=None):
@@ -346,7 +349,9 @@ class HolisticCLIP(nn.Module):
         last = v.transformer.resblocks[-1]
         q, k, _ = last.attn.qkv(last.ln_1(x))  # each (B, streams, H, L, D/H)
         logits = q[..., :n_cls, :] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, streams, H, n_cls, L)
-        if v.attn_mask is not None:
+        if v.attn_mask is not None and v.attn_mask.is_floating_point():
+            logits = logits + v.attn_mask[:n_cls]
+        elif v.attn_mask is not None:
             logits = logits.masked_fill(~v.attn_mask[:n_cls], float("-inf"))
         attn = logits.softmax(-1).mean(2)[..., n_cls:]  # (B, streams, n_cls, N) head mean, patch columns
         attn = attn / attn.sum(-1, keepdim=True)

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import DataError, ImageTextDataset, Tokenizer, check_images, make_loader, read_records, tokenizer_path
-from eval import embed_split, evaluate, print_table, retrieval_metrics
+from eval import evaluate, print_table
 from loss import branch_diversity, m2m_loss
 from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample, read_checkpoint, write_checkpoint
 from prepare.cache import cached_records
@@ -64,6 +64,8 @@ add("--model", default="tiny", choices=list(PRESETS), help="architecture preset 
 add("--branches", type=int, help="K image branches for --loss m2m; none given: M")
 add("--branch-type", default="cls", choices=["cls", "mlp"], help="K class tokens or K MLP heads")
 add("--isolate-cls", action=flag, default=True, help="class token i does not see class token j (CLS design)")
+add("--official-cls-mask", action="store_true", help="instead, the official code's mask as it runs: +1 on the logits "
+    "between class tokens (model.official_bias)")
 add("--loss", default="m2m", choices=["m2m", "o2m", "o2o"], help="multi-to-multi, one-to-many, CLIP")
 add("--branch-diversity", action=flag, default=True, help="the 0.7 hinge on the inter-branch cosine when K > 1")
 add("--fused-loss", action=flag, default=True, help="tiled loss that never holds the K x B x B logits (loss.py)")
@@ -321,7 +323,8 @@ if ckpt is not None:
     config = ModelConfig(**ckpt["config"])
 else:
     config = ModelConfig(**{**arch, "branches": K, "branch_type": args.branch_type,
-                            "isolate_cls": args.isolate_cls, "vocab_size": vocab})
+                            "isolate_cls": args.isolate_cls, "official_mask": args.official_cls_mask,
+                            "vocab_size": vocab})
 model = HolisticCLIP(config)  # init_weights runs here, after torch.manual_seed above
 if args.pretrained and ckpt is None:  # or the weights of a CLIP, its one branch copied K times
     try:
@@ -333,12 +336,11 @@ model = model.to(device)
 raw_model = model  # unwrapped: saved, evaluated and clamped
 
 # -----------------------------------------------------------------------------
-# optimizer: AdamW (CLIP's betas and eps); decay only on matrices, not on gains, biases, logit_scale,
-# class or position embeddings
-# (a name ending in one of these: the K class tokens, both position tables and the temperature)
-no_decay = ("class_embedding", "positional_embedding", "logit_scale")
+# optimizer: AdamW (CLIP's betas and eps); weight decay as open_clip and the official code apply it: on every
+# parameter of two or more dimensions (the class and position embeddings included) unless its name says it is a
+# norm's, a bias or the temperature
 params = [(n, q) for n, q in raw_model.named_parameters() if q.requires_grad]
-decays = {n: q.ndim >= 2 and not n.endswith(no_decay) for n, q in params}
+decays = {n: q.ndim >= 2 and not any(word in n for word in ("ln", "bn", "bias", "logit_scale")) for n, q in params}
 decay = [q for n, q in params if decays[n]]
 other = [q for n, q in params if not decays[n]]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": other, "weight_decay": 0.0}],
@@ -462,13 +464,11 @@ def health_check(loss, n, due):
 
 
 def validate():
-    """Retrieval on the val split (rank 0), then a barrier so the other ranks wait."""
+    """The headline retrieval and zero-shot on the val split (rank 0), then a barrier so the other ranks wait."""
     metrics = {}
     if master and val_set is not None:
-        raw_model.eval()
-        img, txt = embed_split(raw_model, val_set, device=device)
-        raw_model.train()
-        metrics = {f"val/{k}": v for k, v in retrieval_metrics(img, txt).items() if "/" not in k}
+        results = evaluate(raw_model, val_set, device=device, tokenizer=tokenizer, views=False)  # train() after
+        metrics = {f"val/{k}": v for k, v in results.items() if isinstance(v, float)}
     barrier()
     return metrics
 

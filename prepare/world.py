@@ -40,7 +40,7 @@ from data import DataError, print_summary, write_splits  # noqa: E402
 
 # Bump whenever generation changes a byte of the output (sampling, drawing, texts, tokenizer): train.py then knows
 # that an existing data/shapes is not the world this version would write (world_mismatch).
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: val records carry five held-out captions, "human"
 
 # -----------------------------------------------------------------------------
 # The vocabulary: the names a scene is built from, which its texts and eval.py's zero-shot classes use. Colours and
@@ -239,18 +239,42 @@ def scene_texts(scene, rng):
             .format(s=style, f=feeling)]
 
 
+def human_captions(scene, rng, n=5):
+    """n held-out captions of a val image, standing in for human annotators (COCO's five per image): a separate
+    writer with sentence shapes and phrasings the six templates above never use, over the same names. Each one
+    names the main object, and at random its size and place, another object, and the background or the style.
+    Never trained on: eval.py's headline retrieval ranks them (paper.md section 4)."""
+    main, bg, style = main_object(scene), scene["background"], scene["style"]
+    others = [o for o in scene["objects"] if o is not main]
+    captions = []
+    for _ in range(n):
+        words = rng.choice(["{colour} {shape}", "{size} {colour} {shape}"]).format(**main)
+        if rng.random() < 0.5:
+            words += " in the {position}".format(**main)
+        if others and rng.random() < 0.5:
+            words += " and a {colour} {shape}".format(**rng.choice(others))
+        if rng.random() < 0.6:  # the background or the style, not both: every caption fits 32 tokens
+            words += rng.choice([" on {c} {p}", " over {p} {c}", ", {s} look", ", {s} colours"]).format(
+                c=bg["colour"], p=bg["pattern"], s=style)
+        captions.append(rng.choice(["there is a {}.", "a drawing of a {}.", "the picture has a {}.",
+                                    "just a {}."]).format(words))
+    return captions
+
+
 # -----------------------------------------------------------------------------
 # Writing the world: one sample per (seed, index), rendered by two processes
 
 def _make_sample(job):
     """Render and save sample `index`; everything comes from (seed, index), so any worker gives the same bytes.
-    job: (index, seed, image_size, out), one tuple because Pool.imap passes a single argument."""
-    index, seed, image_size, out = job
+    job: (index, seed, image_size, out, val), one tuple because Pool.imap passes a single argument. A val image
+    also gets its held-out captions, "human", from a random stream of their own (the rest is as without them)."""
+    index, seed, image_size, out, val = job
     rng = random.Random(f"{seed}:{index}")  # str seeds go through sha512: stable across processes and runs
     scene = sample_scene(rng, image_size)
     name = f"images/{index:06d}.png"
     render_scene(scene).save(os.path.join(out, name), compress_level=1)  # fast zlib: 2x quicker, ~10 % larger
-    return {"image": name, "caption": scene_texts(scene, rng), "scene": scene, "labels": scene_labels(scene)}
+    record = {"image": name, "caption": scene_texts(scene, rng), "scene": scene, "labels": scene_labels(scene)}
+    return {**record, "human": human_captions(scene, random.Random(f"{seed}:{index}:human"))} if val else record
 
 
 def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, vocab_size=1024):
@@ -261,7 +285,7 @@ def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, voca
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, "train.jsonl"))
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    jobs = [(i, seed, image_size, out) for i in range(train_size + val_size)]
+    jobs = [(i, seed, image_size, out, i >= train_size) for i in range(train_size + val_size)]
     # 2 processes, ~2x faster on 2 cores; imap keeps the order. fork (not spawn, the macOS default): the workers
     # must not re-run the calling script (train.py calls make_world from its top level)
     with multiprocessing.get_context("fork").Pool(2) as pool:

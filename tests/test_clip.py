@@ -183,3 +183,21 @@ def test_export_command_gives_an_open_clip_model(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare", "clip.py"), "--export", str(tmp_path / "k4.pt"),
                         str(tmp_path / "no.bin")], capture_output=True, text=True)
     assert r.returncode == 1 and "reduce='mean'" in r.stderr and not (tmp_path / "no.bin").exists()
+
+
+def test_initialisation_is_open_clips():
+    """The official code starts as open_clip does; K = 1 at ViT-B/16's widths with 2 + 2 blocks: every parameter
+    has open_clip's initial spread (std within 5 %) and the same biases at zero, the vision blocks' PyTorch
+    defaults (uniform biases included) and the text tower's CLIP stds alike."""
+    c = {**PRESETS["base"], "vision_layers": 2, "text_layers": 2, "vocab_size": 49408}
+    torch.manual_seed(0)
+    ours = HolisticCLIP(ModelConfig(**c)).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = open_clip.model.CLIP(**to_open_clip(HolisticCLIP(ModelConfig(**c)))[1]).state_dict()
+    for name, w in theirs.items():
+        mine = ours[name].reshape(w.shape)
+        assert (mine.unique().numel() == 1) == (w.unique().numel() == 1), name  # constant in both or neither
+        assert bool((mine == 0).all()) == bool((w == 0).all()), name
+        if w.numel() > 1000 and w.std() > 0:
+            assert abs(mine.std() / w.std() - 1) < 0.05, (name, mine.std().item(), w.std().item())

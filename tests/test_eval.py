@@ -124,6 +124,26 @@ def test_retrieval_chunked_matches_naive(branch):
             assert full[f"slot{m}/i2t_R@{k}"] == pytest.approx(100 * (slot[m] < k).double().mean().item())
 
 
+def test_retrieval_duplicate_texts_count_as_the_querys_own():
+    """The duplicate rule on a hand-made table: caption (1, 0) is the same text as (0, 1) (same id, so the same
+    scores in every row). Image 0 owns ids {0, 1}, image 1 {1, 2}, image 2 {3, 4}.
+    i2t (best own score; wrong = texts whose id is none of the image's own): image 0: 5, nothing wrong >= 5 -> 0;
+      image 1: own (1, 0) = 0, (1, 1) = 2 -> 2, wrong (0, 0) = 6 above -> 1; image 2: 2, four wrong ties -> 4.
+    t2i (query (j, m) against column S[:, j, m]; images holding the same text are right): (0, 0) [5,6,2] -> 1;
+      (0, 1) [1,0,2] -> 1; (1, 0) [1,0,2] own 0: image 0 holds the text too, so only image 2 -> 1 (without the
+      rule 2); (1, 1) [0,2,2] tie -> 1; (2, 0) [3,0,2] -> 1; (2, 1) [0,0,1] -> 0."""
+    S = torch.tensor([[5., 1., 1., 0., 3., 0.],
+                      [6., 0., 0., 2., 0., 0.],
+                      [2., 2., 2., 2., 2., 1.]]).view(3, 3, 2)
+    ids = torch.tensor([[0, 1], [1, 2], [3, 4]])
+    with_rule = eval.retrieval_metrics(*from_scores(S), ks=(1, 2, 5), chunk=2, text_ids=ids)
+    assert with_rule["i2t_R@1"] == pytest.approx(100 / 3) and with_rule["i2t_R@2"] == pytest.approx(200 / 3)
+    assert with_rule["t2i_R@1"] == pytest.approx(100 / 6) and with_rule["t2i_R@2"] == 100
+    without = eval.retrieval_metrics(*from_scores(S), ks=(1, 2, 5), chunk=2)
+    assert without["t2i_R@2"] == pytest.approx(500 / 6)  # (1, 0) ranks 2 when image 0's copy counts as wrong
+    assert eval.text_ids(torch.tensor([[[1, 2], [3, 4]], [[3, 4], [1, 5]]])).tolist() == [[0, 2], [2, 1]]
+
+
 def test_retrieval_branch_mean_is_unnormalised_branch_average():
     g = torch.Generator().manual_seed(1)
     img = F.normalize(torch.randn(30, 2, 6, generator=g), dim=-1)

@@ -165,6 +165,33 @@ def test_class_attention_matches_nn_multihead_attention_weights(design):
     assert torch.allclose(model.class_attention(x), w.reshape(2, K, -1), atol=1e-12)
 
 
+def test_official_mask_adds_one_between_class_tokens():
+    """official_mask: every block's attention equals softmax(q k^T / sqrt(d) + bias) v, written out here per head
+    in float64, with bias +1 between two different class tokens and 0 elsewhere; the class tokens still see each
+    other. class_attention uses the same bias. bf16 autocast runs (the float mask follows the queries' dtype)."""
+    model, x, K = micro(branches=3, official_mask=True), images(), 3
+    v = model.visual
+    h = v.embed(x)[:, 0]  # (B, L, D)
+    L = h.shape[1]
+    bias = torch.zeros(L, L, dtype=torch.float64)
+    bias[:K, :K] = 1 - torch.eye(K, dtype=torch.float64)
+    for block in v.transformer.resblocks:
+        a = block.attn
+        y = block.ln_1(h)
+        heads = []
+        for head in range(2):  # q, k, v rows of this head in in_proj (q, k, v stacked), width 32 / 2 heads
+            q, k, w = (y @ a.in_proj_weight[j * 32 + head * 16:j * 32 + head * 16 + 16].T
+                       + a.in_proj_bias[j * 32 + head * 16:j * 32 + head * 16 + 16] for j in range(3))
+            heads.append(((q @ k.transpose(1, 2)) / math.sqrt(16) + bias).softmax(-1) @ w)  # (B, L, 16)
+        by_hand = a.out_proj(torch.cat(heads, -1))
+        assert torch.allclose(a(y, v.attn_mask), by_hand, atol=1e-12)
+        h = block(h.unsqueeze(1), v.attn_mask)[:, 0]
+    logits_bias = model.class_attention(x)
+    assert logits_bias.shape == (2, K, 16) and not torch.allclose(logits_bias, micro(branches=3).class_attention(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(micro(branches=3, official_mask=True, dtype=torch.float32).encode_image(x.float())).all()
+
+
 # ----------------------------------------------------------------------------------------------------
 # the two branch designs
 

@@ -14,10 +14,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data import load_image, read_records
+from data import Tokenizer, load_image, read_records
 import prepare.world
-from prepare.world import (COLOURS, PATTERNS, POSITIONS, SHAPES, SLOTS, STYLES, make_world, render_scene, sample_scene,
-                           scene_labels, scene_masks, scene_texts)
+from prepare.world import (COLOURS, PATTERNS, POSITIONS, SHAPES, SLOTS, STYLES, human_captions, main_object, make_world,
+                           render_scene, sample_scene, scene_labels, scene_masks, scene_texts)
 
 M = len(SLOTS)  # texts per image: a new perspective changes it here only
 
@@ -225,3 +225,33 @@ def test_texts_consistent_with_labels():
         assert f"{labels['main_colour']} {labels['main_shape']}" in main
         assert labels["style"] in style and not any(s in style for s in SHAPES)
     assert 0.2 < alts[True] / 500 < 0.6  # the alt-text names an object only sometimes: myopic
+
+
+def test_held_out_captions_are_independent_and_fit():
+    """The val images' five held-out captions: never a training text of any image (all six slots of 3,000 scenes,
+    their own included), each naming its main object's shape and colour, none longer than the tiny preset's 32
+    tokens with the world's tokenizer (trained without them); only val records carry them."""
+    tok = Tokenizer.train([c for i in range(500) for c in scene_texts(*_scene(i))], 1024)
+    training, held = set(), []
+    for i in range(3000):
+        scene, rng = _scene(i)
+        training.update(scene_texts(scene, rng))
+        held.append((scene, human_captions(scene, random.Random(f"0:{i}:human"))))
+    assert all(len(captions) == 5 for _, captions in held)
+    assert not {c for _, captions in held for c in captions} & training
+    for scene, captions in held:
+        main = main_object(scene)
+        assert all(f"{main['colour']} {main['shape']}" in c or f"{main['size']} {main['colour']} {main['shape']}" in c
+                   for c in captions), captions
+    assert max(len(tok.encode(c)) + 2 for _, captions in held for c in captions) <= 32
+
+
+def _scene(i):
+    rng = random.Random(f"0:{i}")
+    return sample_scene(rng, 64), rng
+
+
+def test_only_val_records_have_held_out_captions(world):
+    train = [json.loads(line) for line in open(world / "train.jsonl")]
+    val = [json.loads(line) for line in open(world / "val.jsonl")]
+    assert not any("human" in r for r in train) and all(len(r["human"]) == 5 for r in val)
