@@ -63,6 +63,35 @@ def branch_mean(img):
     return img.mean(1)
 
 
+# The official mean is the default aggregation. The alternatives calibrate the branches first (a plain max over
+# raw branch cosines favours whichever branch scores everything high): each branch's cosines are standardised by
+# their mean and spread over every (image, text) pair being ranked, then averaged (std-mean: a weighted branch
+# mean, weights 1 / spread) or maxed (std-max).
+AGGREGATIONS = ("mean", "std-mean", "std-max")
+
+
+def branch_stats(img, txt):
+    """img (n, K, E), txt (..., E) -> mean (K,) and spread (K,) of <v_k(i), t> over every image i and text t: exact,
+    from E x E second moments (E[s^2] = <C_img_k, C_txt>), with no n x (number of texts) matrix."""
+    t = txt.reshape(-1, txt.shape[-1])                                # (texts, E)
+    mean = img.mean(0) @ t.mean(0)                                    # (K,)
+    second = torch.einsum("nke,nkf->kef", img, img) / len(img)        # (K, E, E)
+    square = (second * (t.T @ t / len(t))).sum((1, 2))                # (K,) E[s^2]
+    return mean, (square - mean ** 2).clamp_min(1e-12).sqrt()
+
+
+def score(img, txt, how="mean", stats=None):
+    """img (a, K, E), txt (t, E) -> (a, t): each image's score for each text, the K branches aggregated `how` (an
+    int k: branch k alone). stats: branch_stats over what is being ranked, for std-mean and std-max."""
+    if how == "mean":
+        return branch_mean(img) @ txt.T
+    if isinstance(how, int):
+        return img[:, how] @ txt.T
+    mean, spread = stats
+    z = (torch.einsum("ake,te->akt", img, txt) - mean[:, None]) / spread[:, None]  # (a, K, t)
+    return z.mean(1) if how == "std-mean" else z.amax(1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # retrieval with the multi-caption protocol, on the scores s(i, (j, m)) = <branch_mean(img)[i], txt[j, m]>
 # Image -> text: image i is a hit at k when ANY of its M captions is among the k best of all n*M texts.
@@ -77,26 +106,27 @@ def branch_mean(img):
 
 def retrieval_metrics(img, txt, branch="mean", ks=(1, 5, 10), chunk=1024, text_ids=None):
     """img (n, K, E), txt (n, M, E) -> {"i2t_R@k", "t2i_R@k", "slot{m}/i2t_R@k", "slot{m}/t2i_R@k"} in %.
-    branch="mean" is the official aggregation; an int k scores with branch k alone. text_ids (n, M): equal ids
-    for identical texts (text_ids()), for the duplicate rule above; None: every text is distinct."""
-    q = branch_mean(img) if branch == "mean" else img[:, branch]  # (n, E) the image side of every score
-    txt = txt.to(q.device)
+    branch: how the K branches make one score (score(): "mean", the official one, or an AGGREGATIONS
+    alternative), or an int k to score with branch k alone. text_ids (n, M): equal ids for identical texts
+    (text_ids()), for the duplicate rule above; None: every text is distinct."""
+    txt = txt.to(img.device)
     n, M, _ = txt.shape
-    text_ids = None if text_ids is None else text_ids.to(q.device)
+    text_ids = None if text_ids is None else text_ids.to(img.device)
     blocks = [slice(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    stats = branch_stats(img, txt) if branch in AGGREGATIONS[1:] else None
 
     def tile(a, b):  # images a against the captions of images b: (|a|, |b|, M)
-        return (q[a] @ txt[b].flatten(0, 1).T).view(-1, b.stop - b.start, M)
+        return score(img[a], txt[b].flatten(0, 1), branch, stats).view(-1, b.stop - b.start, M)
 
     # pass 1: each image's own M scores, from the diagonal tiles (the same arithmetic as pass 2, so a
     # wrong candidate that ties a correct one compares equal, bit for bit)
     pos = torch.cat([tile(a, a).diagonal().T for a in blocks])  # (n, M): s(i, (i, m))
     best = pos.amax(1)                                           # (n,) threshold of the image query
     # pass 2: count, per query, the wrong candidates scoring >= the threshold
-    rank_i2t = torch.zeros(n, dtype=torch.long, device=q.device)      # among all n*M texts
-    rank_slot = torch.zeros(n, M, dtype=torch.long, device=q.device)  # among slot m's n texts only
-    rank_t2i = torch.zeros(n, M, dtype=torch.long, device=q.device)   # caption (j, m) among n images
-    ids = torch.arange(n, device=q.device)
+    rank_i2t = torch.zeros(n, dtype=torch.long, device=img.device)      # among all n*M texts
+    rank_slot = torch.zeros(n, M, dtype=torch.long, device=img.device)  # among slot m's n texts only
+    rank_t2i = torch.zeros(n, M, dtype=torch.long, device=img.device)   # caption (j, m) among n images
+    ids = torch.arange(n, device=img.device)
     pairs = [(a, b) for a in blocks for b in blocks]
     for a, b in tqdm(pairs, desc="retrieval", disable=None if len(pairs) > 1 else True):
         s = tile(a, b)                                     # (|a|, |b|, M)
@@ -164,6 +194,12 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device="cpu"):
     return F.normalize(emb.mean(1), dim=-1)                                          # (C, E)
 
 
+def zeroshot_accuracy(img, classes, labels, aggregate="mean"):
+    """img (n, K, E), classes (C, E), labels (n,) -> top-1/top-5 (%), the K branches aggregated as in score()."""
+    stats = branch_stats(img, classes) if aggregate in AGGREGATIONS[1:] else None
+    return topk_accuracy(score(img, classes, aggregate, stats), labels)  # (n, C) scores
+
+
 def topk_accuracy(scores, labels, ks=(1, 5)):
     """scores (n, C), labels (n,) -> {k: % of rows whose class is in the top k}; ties and NaN count against."""
     right = scores.gather(1, labels[:, None])  # (n, 1); below: the wrong classes not below it, NaN: no hit at any k
@@ -201,13 +237,14 @@ def load_batch(transform, paths):
 
 
 @torch.no_grad()
-def zeroshot_dataset(model, tokenizer, paths, labels, names, templates, batch_size=256, device="cpu", workers=0):
-    """Top-1/top-5 (%) of a user dataset: class prompts vs the images' branch-mean scores."""
+def zeroshot_dataset(model, tokenizer, paths, labels, names, templates, batch_size=256, device="cpu", workers=0,
+                     aggregate="mean"):
+    """Top-1/top-5 (%) of a user dataset: class prompts vs the images' aggregated scores."""
     classes = zeroshot_classifier(model, tokenizer, names, templates, device)  # (C, E)
     load = partial(load_batch, data.image_transform(model.config.image_size, train=False))
     img = torch.cat([model.encode_image(x.to(device)).float().cpu() for x in tqdm(
         DataLoader(paths, batch_size, num_workers=workers, collate_fn=load), desc="zero-shot", disable=None)])
-    return topk_accuracy(branch_mean(img) @ classes.T, labels)  # (n, C) scores
+    return zeroshot_accuracy(img, classes, labels, aggregate)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,20 +298,25 @@ def world_shaped(v, key):
             and all(isinstance(o, dict) and o.get("shape") in world.SHAPES and "box" in o for o in v["objects"]))
 
 
-def evaluate(model, dataset, device="cpu", batch_size=256, workers=0, embeddings=None, tokenizer=None, views=True):
+def evaluate(model, dataset, device="cpu", batch_size=256, workers=0, embeddings=None, tokenizer=None, views=True,
+             aggregate="mean"):
     """The headline retrieval "i2t_R@k", "t2i_R@k": on the held-out captions when every record has them (the
     paper's protocol: models are evaluated on texts they never trained on), else on the training texts; "own/..."
     on the training texts (any of the M); with the duplicate rule. views: also the interpretability views (per slot
     and per branch on the training texts, branch analysis) and the dense probe. Given the tokenizer (the dataset
     keeps only token ids): zero-shot and the dense probe when every record has the world's "labels" and "scene"
-    (world_shaped; else skipped, said on stderr). embeddings: (img, txt) already computed by embed_split."""
+    (world_shaped; else skipped, said on stderr). embeddings: (img, txt) already computed by embed_split.
+    aggregate: how the headline retrieval and zero-shot combine the K branches (score(); the views use "mean")."""
     was_training = model.training
     model.eval()
     img, txt = embeddings if embeddings is not None else embed_split(model, dataset, batch_size, device, workers)
-    own, ids = retrieval_metrics(img.to(device), txt, text_ids=text_ids(dataset.tokens)), text_ids(dataset.tokens)
+    ids = text_ids(dataset.tokens)
+    own = retrieval_metrics(img.to(device), txt, text_ids=ids)
     heldout = held_out(model, dataset, tokenizer, batch_size, device)
-    head = retrieval_metrics(img.to(device), heldout[0], text_ids=heldout[1]) if heldout else own
-    res = {"retrieval_texts": "held-out" if heldout else "training", "n": len(img),
+    texts, head_ids = heldout if heldout else (txt, ids)
+    head = (retrieval_metrics(img.to(device), texts, aggregate, text_ids=head_ids)
+            if heldout or aggregate != "mean" else own)
+    res = {"retrieval_texts": "held-out" if heldout else "training", "n": len(img), "aggregate": aggregate,
            **{k: v for k, v in head.items() if "/" not in k}, **{f"own/{k}": v for k, v in own.items() if "/" not in k}}
     if views:
         res.update({k: v for k, v in own.items() if k.startswith("slot")})
@@ -290,7 +332,7 @@ def evaluate(model, dataset, device="cpu", batch_size=256, workers=0, embeddings
         for kind, names in world.LABEL_KINDS.items():
             classes = zeroshot_classifier(model, tokenizer, names, world.LABEL_TEMPLATES[kind], device)  # (C, E)
             labels = torch.tensor([names.index(r["labels"][kind]) for r in dataset.records])         # (n,)
-            acc = topk_accuracy(branch_mean(img) @ classes.T, labels)                                 # (n, C) scores
+            acc = zeroshot_accuracy(img, classes, labels, aggregate)
             res[f"zs/{kind}/top1"], res[f"zs/{kind}/top5"] = acc[1], acc[5]
     if tokenizer is not None and ok["scene"] and views:
         res["dense_miou"] = dense_probe(model, dataset, tokenizer, batch_size, device, workers)
@@ -494,6 +536,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the PNGs")
+    p.add_argument("--aggregate", choices=AGGREGATIONS, default="mean",
+                   help="how the K branches make one score: the official mean, or standardised, then mean or max")
     user = p.add_mutually_exclusive_group()
     user.add_argument("--zeroshot-folder", help="user zero-shot set: one sub-folder of images per class")
     user.add_argument("--zeroshot-jsonl", help='user zero-shot set: records {"image": path, "label": name or index}')
@@ -514,9 +558,11 @@ def main():
         templates = read_lines(args.templates) if args.templates else ["a photo of a {}."]
     # measure
     img, txt = embed_split(model, dataset, args.batch_size, args.device, args.workers)  # (n, K, E), (n, M, E)
-    results = evaluate(model, dataset, args.device, args.batch_size, args.workers, (img, txt), tok)
+    results = evaluate(model, dataset, args.device, args.batch_size, args.workers, (img, txt), tok,
+                       aggregate=args.aggregate)
     if user:
-        acc = zeroshot_dataset(model, tok, paths, labels, names, templates, args.batch_size, args.device, args.workers)
+        acc = zeroshot_dataset(model, tok, paths, labels, names, templates, args.batch_size, args.device, args.workers,
+                               args.aggregate)
         results[f"zs/{Path(user).stem}/top1"], results[f"zs/{Path(user).stem}/top5"] = acc[1], acc[5]
     print_table(results)
 

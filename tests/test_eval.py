@@ -94,8 +94,13 @@ def naive_ranks(img, txt, branch):
     img, txt = img.double(), txt.double()
     n, K, _ = img.shape
     M = txt.shape[1]
-    ks = range(K) if branch == "mean" else [branch]
-    s = sum(torch.einsum("ie,jme->ijm", img[:, k], txt) for k in ks) / len(ks)  # (n, n, M)
+    per_branch = torch.stack([torch.einsum("ie,jme->ijm", img[:, k], txt) for k in range(K)])  # (K, n, n, M)
+    if branch in ("std-mean", "std-max"):  # each branch standardised over all n x n x M pairs, by torch.std
+        flat = per_branch.flatten(1)
+        z = (per_branch - flat.mean(1)[:, None, None, None]) / flat.std(1, correction=0)[:, None, None, None]
+        s = z.mean(0) if branch == "std-mean" else z.amax(0)
+    else:
+        s = per_branch.mean(0) if branch == "mean" else per_branch[branch]  # (n, n, M)
     i2t, t2i, slot = [], [], [[] for _ in range(M)]
     for i in range(n):
         order = s[i].flatten().argsort(descending=True).tolist()  # texts j * M + m
@@ -108,7 +113,7 @@ def naive_ranks(img, txt, branch):
     return torch.tensor(i2t), torch.tensor(t2i), [torch.tensor(x) for x in slot]
 
 
-@pytest.mark.parametrize("branch", ["mean", 0, 2])
+@pytest.mark.parametrize("branch", ["mean", 0, 2, "std-mean", "std-max"])
 def test_retrieval_chunked_matches_naive(branch):
     g = torch.Generator().manual_seed(0)
     img = F.normalize(torch.randn(23, 3, 8, generator=g), dim=-1)  # n = 23, K = 3, E = 8
@@ -430,3 +435,25 @@ def test_evaluate_skips_foreign_labels_and_scenes(world, tmp_path, capsys, forei
     assert res["i2t_R@1"] >= 0 and "dense_miou" not in res and not any(k.startswith("zs/") for k in res)
     err = capsys.readouterr().err
     assert err.count("zero-shot skipped") == 1 and err.count("dense probe skipped") == 1, err
+
+
+@pytest.mark.parametrize("how", ["mean", "std-mean", "std-max"])
+def test_zeroshot_aggregations_match_a_loop(how):
+    """zeroshot_accuracy with each aggregation against a loop over images, branches and classes: branch k's
+    scores standardised by their mean and spread over all (image, class) pairs, then the mean or the max."""
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(40, 3, 8, generator=g, dtype=torch.float64), dim=-1)
+    classes = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    s = [[[float(img[i, k] @ classes[c]) for c in range(5)] for k in range(3)] for i in range(40)]
+    mean = [sum(s[i][k][c] for i in range(40) for c in range(5)) / 200 for k in range(3)]
+    spread = [math.sqrt(sum((s[i][k][c] - mean[k]) ** 2 for i in range(40) for c in range(5)) / 200) for k in range(3)]
+    right = 0
+    for i in range(40):
+        if how == "mean":
+            agg = [sum(s[i][k][c] for k in range(3)) / 3 for c in range(5)]
+        else:
+            z = [[(s[i][k][c] - mean[k]) / spread[k] for k in range(3)] for c in range(5)]
+            agg = [sum(zc) / 3 if how == "std-mean" else max(zc) for zc in z]
+        right += max(range(5), key=agg.__getitem__) == labels[i]
+    assert eval.zeroshot_accuracy(img, classes, labels, how)[1] == pytest.approx(100 * right / 40)

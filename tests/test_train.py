@@ -400,3 +400,25 @@ def test_shards_train_and_resume_exactly(world, tmp_path):
     train(world, tmp_path / "runs", *flags, "--name", "split", "--resume", "latest")
     assert losses(tmp_path / "runs" / "split") == losses(tmp_path / "runs" / "straight")
     assert sorted(losses(tmp_path / "runs" / "straight")) == [1, 2, 3, 4, 5]
+
+
+def test_weight_decay_as_the_official_code(world, tmp_path, monkeypatch):
+    """Weight decay on every parameter of two or more dimensions, the class and position embeddings included (as
+    open_clip and the official code), and on nothing else: gains, biases and the temperature are 1-D or 0-D."""
+    from model import PRESETS
+    groups = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            groups.extend(params)
+            super().__init__(params, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    assert train_here(monkeypatch, world, tmp_path, "--name", "wd", "--max-steps", "1", "--val-data", "none") is None
+    decay, other = groups
+    assert decay["weight_decay"] == 0.2 and other["weight_decay"] == 0.0
+    t = PRESETS["tiny"]
+    N = (t["image_size"] // t["patch_size"]) ** 2
+    shapes = [tuple(q.shape) for q in decay["params"]]
+    assert (M, t["vision_width"]) in shapes and (M + N, t["vision_width"]) in shapes  # class and positions
+    assert (t["context_length"], t["text_width"]) in shapes                          # text positions
+    assert all(q.ndim >= 2 for q in decay["params"]) and all(q.ndim < 2 for q in other["params"])

@@ -48,8 +48,10 @@ def test_same_seed_same_bytes(world, tmp_path):
     for name in names:
         assert (world / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
     assert (world / "train.jsonl").read_bytes() != (tmp_path / "b" / "train.jsonl").read_bytes()
-    alone = prepare.world._make_sample((5, 1, 64, str(tmp_path / "b")))  # made in this process, not a worker
+    alone = prepare.world._make_sample((5, 1, 64, str(tmp_path / "b"), False))  # in this process, not a worker
     assert json.dumps(alone) + "\n" == (world / "train.jsonl").read_text().splitlines(keepends=True)[5]
+    alone = prepare.world._make_sample((25, 1, 64, str(tmp_path / "b"), True))  # a val image: its held-out texts
+    assert json.dumps(alone) + "\n" == (world / "val.jsonl").read_text().splitlines(keepends=True)[1]
 
 
 def test_world_json_and_mismatch(world, tmp_path, monkeypatch):
