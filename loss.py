@@ -5,6 +5,7 @@ Reading order:
   gather            all-gather with gradient (identity on one process)
   m2m_loss          the loss family with the official semantics: one-to-one when K == M, free
                     matching when K != M; the reference path materialises the logits
+                    (tokens=...: multi-positive targets, identical texts right for each other's images)
   branch_diversity  the 0.7 hinge that keeps the K branches apart
   fused path        the same m2m_loss computed tile by tile with an online logsumexp (a custom
                     autograd Function, tiles compiled by torch.compile); never holds K x B x B logits
@@ -67,6 +68,15 @@ def gather(x):
     return out
 
 
+def gather_tokens(tokens):
+    """(B, M, T) ids -> (W*B, M, T) in rank order, no gradient (identity on one process)."""
+    if rank_world()[1] == 1:
+        return tokens
+    parts = [torch.empty_like(tokens) for _ in range(rank_world()[1])]
+    dist.all_gather(parts, tokens.contiguous())
+    return torch.cat(parts)
+
+
 # ----------------------------------------------------------------------------
 # M2M: K branches, M texts (the reference; read this one)
 
@@ -84,14 +94,23 @@ def choose_branch(img, txt):
     return branch
 
 
-def m2m_loss(img, txt, scale, fused=False, compile=True, tiles=TILES):
+def positives_ce(logits, positive):
+    """Cross-entropy with several right answers: -log of the softmax mass on them, averaged over rows.
+    logits, positive (R, C), positive a bool mask; with one True per row (the own pair) it is F.cross_entropy."""
+    return (logits.logsumexp(1) - logits.masked_fill(~positive, float("-inf")).logsumexp(1)).mean()
+
+
+def m2m_loss(img, txt, scale, fused=False, compile=True, tiles=TILES, tokens=None):
     """Multi-to-multi contrastive loss. img (B, K, E), txt (B, M, E) unit vectors, scale 0-dim -> 0-dim.
     For each slot m: image b's row scores its branch k*(b, m) against slot m of every text; text (b, m)'s
     row scores branch k*(b, m) of every image against itself. Cross-entropy with the own pair as target,
     averaged over rows, slots and the two directions. K = M = 1 is clip_loss; K = 1 is one-to-many.
     Under torch.distributed the columns are the gathered global batch and the targets sit at rank*B + b,
     so the mean over ranks equals the loss of one process on the global batch.
-    fused=True computes the same value tile by tile (below); compile=False runs its tiles eagerly."""
+    fused=True computes the same value tile by tile (below); compile=False runs its tiles eagerly.
+    tokens (B, M, T): multi-positive targets. In slot m, texts with the same tokens as the own text are right
+    answers too (a text shared by several images is not a negative of their images, nor those images of it):
+    positives_ce over that set, on the gathered batch. The reference path only."""
     assert img.dim() == 3 and txt.dim() == 3 and img.shape[0] == txt.shape[0] and img.shape[2] == txt.shape[2], \
         f"m2m_loss wants img (B, K, E) and txt (B, M, E), got {tuple(img.shape)} and {tuple(txt.shape)}"
     B, K, E = img.shape
@@ -101,7 +120,12 @@ def m2m_loss(img, txt, scale, fused=False, compile=True, tiles=TILES):
     branch = choose_branch(img, txt)  # (B, M)
     labels = torch.arange(B, device=img.device) + rank * B  # (B,) own pair's column in the global batch
     if fused:
+        if tokens is not None:
+            raise ValueError("multi-positive targets are computed by the reference loss only: use fused=False")
         return fused_m2m_loss(img, txt, all_img, all_txt, scale, branch, labels, tiles, compile)
+    if tokens is not None:  # same[b, j, m]: text (b, m) and text (j, m) of the gathered batch are identical
+        all_tokens = gather_tokens(tokens)                                                  # (W*B, M, T)
+        same = (tokens[:, None] == all_tokens[None]).all(-1)                                # (B, W*B, M)
 
     q = img.gather(1, branch[:, :, None].expand(B, M, E))  # (B, M, E): q[b, m] = img[b, k*(b, m)]
     rows = torch.arange(B, device=img.device)
@@ -113,7 +137,10 @@ def m2m_loss(img, txt, scale, fused=False, compile=True, tiles=TILES):
         else:  # free slot: text (b, m) meets branch k*(b, m) of every image; score all K, keep its own
             t2i = scale * torch.einsum("be,ike->bki", txt[:, m], all_img)  # (B, K, W*B)
             t2i = t2i[rows, branch[:, m]]  # (B, W*B)
-        loss = loss + (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2
+        if tokens is None:
+            loss = loss + (F.cross_entropy(i2t, labels) + F.cross_entropy(t2i, labels)) / 2
+        else:
+            loss = loss + (positives_ce(i2t, same[:, :, m]) + positives_ce(t2i, same[:, :, m])) / 2
     return loss / M
 
 

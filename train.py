@@ -69,6 +69,8 @@ add("--official-cls-mask", action="store_true", help="instead, the official code
 add("--loss", default="m2m", choices=["m2m", "o2m", "o2o"], help="multi-to-multi, one-to-many, CLIP")
 add("--branch-diversity", action=flag, default=True, help="the 0.7 hinge on the inter-branch cosine when K > 1")
 add("--fused-loss", action=flag, default=True, help="tiled loss that never holds the K x B x B logits (loss.py)")
+add("--multi-positive", action="store_true", help="identical texts in a batch are right answers of each other's "
+    "images, not negatives (reference loss: with --no-fused-loss)")
 # starting from an existing CLIP (model.load_clip): its weights, and what its architecture needs
 add("--pretrained", help="an openai/CLIP or open_clip ViT file (.pt, .bin, .safetensors), copied into the K branches")
 add("--force-quick-gelu", action="store_true", help="QuickGELU in the MLPs, as openai's released weights need")
@@ -122,6 +124,8 @@ def check_flags(args):
         value, floor = getattr(args, key), "at least 0" if key == "wd" else "above 0"
         if value is not None and not (math.isfinite(value) and (value >= 0 if key == "wd" else value > 0)):
             fail(f"--{key.replace('_', '-')} {value}: must be a finite number {floor}")
+    if args.multi_positive and args.fused_loss:
+        fail("--multi-positive is computed by the reference loss only: add --no-fused-loss")
     if args.loss != "m2m" and args.branches not in (None, 1):
         fail(f"--branches {args.branches} sets K for --loss m2m; --loss {args.loss} has one branch (K = 1)")
     if args.csv_separator is not None and len(args.csv_separator) != 1:
@@ -502,7 +506,8 @@ while step < max_steps and stopped is None:
         with autocast:
             img, txt, scale = model(images, tokens)  # (B, K, E), (B, M, E), ()
         img, txt = img.float(), txt.float()
-        contrastive = m2m_loss(img, txt, scale.float(), fused=args.fused_loss, compile=use_compile)
+        contrastive = m2m_loss(img, txt, scale.float(), fused=args.fused_loss, compile=use_compile,
+                               tokens=tokens if args.multi_positive else None)
         diversity = branch_diversity(img) if (K > 1 and args.branch_diversity) else torch.zeros((), device=device)
         loss = contrastive + diversity
         if args.fault_nan_step == step + 1:

@@ -194,3 +194,73 @@ def test_two_ranks_equal_one_process(tmp_path):
             assert torch.allclose(torch.cat([p[1] for p in parts]) / world, d_img, atol=1e-12), (case, name)
             assert torch.allclose(torch.cat([p[2] for p in parts]) / world, d_txt, atol=1e-12), (case, name)
             assert abs(sum(p[3] for p in parts).item() / world - d_scale.item()) < 1e-12, (case, name)
+
+
+# ----------------------------------------------------------------------------
+# multi-positive targets: identical texts are right answers of each other's images
+
+def naive_multi_positive(img, txt, s, tokens):
+    """naive_m2m with several right answers: in slot m, the rows' positives are every sample whose slot-m tokens
+    equal the own ones; the term is -log of the softmax mass on them."""
+    img, txt, tokens = img.tolist(), txt.tolist(), tokens.tolist()
+    B, K, M = len(img), len(img[0]), len(txt[0])
+    dot = lambda u, v: sum(a * b for a, b in zip(u, v))
+    lse = lambda xs: math.log(sum(math.exp(x) for x in xs))
+    total = 0.0
+    for m in range(M):
+        for b in range(B):
+            k = m if K == M or (K < M and m < K) else max(range(K), key=lambda k: dot(img[b][k], txt[b][m]))
+            same = [j for j in range(B) if tokens[j][m] == tokens[b][m]]
+            i2t = [s * dot(img[b][k], txt[j][m]) for j in range(B)]
+            t2i = [s * dot(img[i][k], txt[b][m]) for i in range(B)]
+            total += (lse(i2t) - lse([i2t[j] for j in same]) + lse(t2i) - lse([t2i[j] for j in same])) / 2
+    return total / (M * B)
+
+
+def shared_texts(B, M, seed=0):
+    """Token ids (B, M, 4) where slot m repeats a text across several samples (a few distinct rows per slot), and
+    txt (B, M, E) whose equal-token texts are equal vectors, as a text tower makes them."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 3, (B, M, 1), generator=g).expand(B, M, 4) + torch.arange(M)[None, :, None] * 10
+    vectors = unit(40, 8, dtype=torch.float64)
+    return tokens.contiguous(), vectors[tokens[..., 0]]
+
+
+@pytest.mark.parametrize("K,M", CASES)
+def test_multi_positive_equals_naive_loop(K, M):
+    img, _, scale = features(6, K, M)
+    tokens, txt = shared_texts(6, M)
+    want = naive_multi_positive(img, txt, scale.item(), tokens)
+    assert m2m_loss(img, txt, scale, tokens=tokens).item() == pytest.approx(want, abs=1e-12)
+    distinct = torch.arange(6 * M).view(6, M, 1).expand(6, M, 4)  # no text shared: the plain loss
+    assert m2m_loss(img, txt, scale, tokens=distinct).item() == pytest.approx(m2m_loss(img, txt, scale).item(),
+                                                                              abs=1e-12)
+    assert want < m2m_loss(img, txt, scale).item()  # the shared texts are no longer negatives
+    with pytest.raises(ValueError, match="reference loss only"):
+        m2m_loss(img, txt, scale, fused=True, tokens=tokens)
+
+
+def multi_positive_worker(rank, world, path, inputs):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=rank, world_size=world)
+    img, txt, scale, tokens = inputs
+    B = len(img) // world
+    part = slice(rank * B, (rank + 1) * B)
+    fn = lambda i, t, s: m2m_loss(i, t, s, tokens=tokens[part])
+    torch.save(value_and_grads(fn, img[part], txt[part], scale), f"{path}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_multi_positive_two_ranks_equal_one_process(tmp_path):
+    """The positives are found in the gathered batch: 2 ranks of 6 equal one process of 12, value and gradients,
+    with texts shared across the ranks."""
+    img, _, scale = features(12, 2, 3)
+    tokens, txt = shared_texts(12, 3, seed=1)
+    mp.spawn(multi_positive_worker, args=(2, str(tmp_path), (img, txt, scale, tokens)), nprocs=2)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    loss, d_img, d_txt, d_scale = value_and_grads(lambda i, t, s: m2m_loss(i, t, s, tokens=tokens), img, txt, scale)
+    assert abs(sum(p[0] for p in parts).item() / 2 - loss.item()) < 1e-12
+    assert torch.allclose(torch.cat([p[1] for p in parts]) / 2, d_img, atol=1e-12)
+    assert torch.allclose(torch.cat([p[2] for p in parts]) / 2, d_txt, atol=1e-12)
+    assert abs(sum(p[3] for p in parts).item() / 2 - d_scale.item()) < 1e-12

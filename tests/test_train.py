@@ -299,6 +299,7 @@ def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, 
     (["--lr", "inf"], "--lr inf: must be a finite number above 0"),
     (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
     (["--force-image-size", "60"], "--force-image-size 60: a multiple of --model tiny's patch size 8"),
+    (["--multi-positive"], "--multi-positive is computed by the reference loss only: add --no-fused-loss"),
 ])
 def test_flags_out_of_range_stop_with_their_name(monkeypatch, tmp_path, flags, message):
     result = run_in_process(monkeypatch, "--logs-dir", str(tmp_path), *flags)
