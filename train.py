@@ -71,7 +71,7 @@ add("--branch-diversity", action=flag, default=True, help="the 0.7 hinge on the 
 add("--fused-loss", action=flag, default=True, help="tiled loss that never holds the K x B x B logits (loss.py)")
 add("--multi-positive", action="store_true", help="identical texts in a batch are right answers of each other's "
     "images, not negatives (reference loss: with --no-fused-loss)")
-# starting from an existing CLIP (model.load_clip): its weights, and what its architecture needs
+# starting from an existing CLIP (prepare/clip.py): its weights, and what its architecture needs
 add("--pretrained", help="an openai/CLIP or open_clip ViT file (.pt, .bin, .safetensors), copied into the K branches")
 add("--force-quick-gelu", action="store_true", help="QuickGELU in the MLPs, as openai's released weights need")
 add("--force-image-size", type=int, help="image side other than the preset's; --pretrained positions are resampled")
@@ -156,7 +156,7 @@ if args.resume:
     now = vars(given.parse_args())
     if started := [f for f in ("pretrained", "tokenizer", "force_quick_gelu", "force_image_size") if f in now]:
         fail(f"--{started[0].replace('_', '-')} sets up a new run; a resumed run keeps its checkpoint's")
-    args = argparse.Namespace(**{**ckpt["args"], **now})
+    args = argparse.Namespace(**{**vars(p.parse_args([])), **ckpt["args"], **now})  # defaults: flags added since
 check_flags(args)
 
 # -----------------------------------------------------------------------------

@@ -423,3 +423,16 @@ def test_weight_decay_as_the_official_code(world, tmp_path, monkeypatch):
     assert (M, t["vision_width"]) in shapes and (M + N, t["vision_width"]) in shapes  # class and positions
     assert (t["context_length"], t["text_width"]) in shapes                          # text positions
     assert all(q.ndim >= 2 for q in decay["params"]) and all(q.ndim < 2 for q in other["params"])
+
+
+def test_resume_a_checkpoint_older_than_a_flag(world, tmp_path, monkeypatch):
+    """A checkpoint written before a flag existed (its args lack it) resumes with that flag's default."""
+    assert train_here(monkeypatch, world, tmp_path, "--name", "old", "--max-steps", "2", "--stop-at-step", "1",
+                      "--val-data", "none") is None
+    path = tmp_path / "old" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for flag in ("multi_positive", "official_cls_mask", "pretrained", "tokenizer"):
+        del ckpt["args"][flag]
+    torch.save(ckpt, path)
+    assert train_here(monkeypatch, world, tmp_path, "--name", "old", "--resume", "latest") is None
+    assert sorted(losses(tmp_path / "old")) == [1, 2]
