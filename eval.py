@@ -1,14 +1,15 @@
 """Evaluate a Holistic CLIP checkpoint: retrieval, zero-shot classification, branch analysis, a dense
 probe, and pictures. Implements paper.md section 4 (inference): score(image, text) = mean over branches
-of the branch cosines <v_k, t> (branch_mean); the branches can also be read one at a time.
+of the branch cosines <v_k, t> (branch_mean; --aggregate for calibrated alternatives); the branches can also be
+read one at a time. The headline retrieval ranks held-out captions the model never trained on (held_out).
 
     python eval.py --ckpt runs/NAME/ckpt.pt --data data/shapes/val.jsonl      # table, results.jsonl, PNGs
     python eval.py --ckpt runs/NAME/ckpt.pt --data VAL.jsonl --zeroshot-folder DIR [--classnames FILE]
     python eval.py --ckpt runs/NAME/ckpt.pt --data VAL.jsonl --zeroshot-jsonl FILE --classnames FILE
     python -m pytest -q tests/test_eval.py
 
-Reading order: embed_split and branch_mean, retrieval_metrics, branch_analysis, zero-shot, the dense
-probe, evaluate (what train.py calls), print_table, the pictures, main. The model is rebuilt from the
+Reading order: embed_split, branch_mean and score, retrieval_metrics and held_out, branch_analysis, zero-shot,
+the dense probe, evaluate (what train.py calls), print_table, the pictures, main. The model is rebuilt from the
 checkpoint alone (config and tokenizer travel inside it). One JSON line is appended to results.jsonl in
 the checkpoint's folder (or --out), and the pictures go there too: curves.png (from metrics.jsonl),
 branch_slot.png (K x M heatmap), attention.png, retrieval.png.

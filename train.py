@@ -270,11 +270,13 @@ else:
         # and counted with --skip-bad): rank 0 parses every record, opens and verifies every image and tokenises
         # the captions into the token cache beside the data (or with the run when that folder is read-only); the
         # other ranks, and later runs on the same data, memory-map it
+        # shards: no index; each loader process streams whole shards, and the epoch length comes from sizes.json
         if shards:
             train_set = ShardDataset(expand_shards(train_path), tokenizer, arch["image_size"], args.batch_size,
                                      args.captions, arch["context_length"], args.seed, rank, world, args.workers,
                                      args.caption_count, args.skip_bad)
         else:
+            # the cache lives beside the data, keyed by its bytes, so every later run (and every rank) finds it
             writable = os.access(os.path.dirname(os.path.realpath(train_path)), os.W_OK)
             cache = dict(cache=None if writable else os.path.join(run_dir, "train.cache"),
                          context_length=arch["context_length"], **read)
@@ -330,7 +332,8 @@ else:
                             "isolate_cls": args.isolate_cls, "official_mask": args.official_cls_mask,
                             "vocab_size": vocab})
 model = HolisticCLIP(config)  # init_weights runs here, after torch.manual_seed above
-if args.pretrained and ckpt is None:  # or the weights of a CLIP, its one branch copied K times
+# or a CLIP's weights, its one image branch copied into the K (prepare/clip.py); a resumed run has its own
+if args.pretrained and ckpt is None:
     try:
         load_clip(model, args.pretrained, resize_positions=args.force_image_size is not None)
     except ValueError as e:
