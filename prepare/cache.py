@@ -55,7 +55,7 @@ class CachedRecords:
     def __init__(self, path, key):
         with open(path, "rb") as f:
             head = json.loads(f.read(self.HEADER))  # ValueError: not a cache, or a torn header
-            if head.get("key") != key:
+            if not isinstance(head, dict) or head.get("key") != key:
                 raise ValueError("built from other data, options or tokenizer")
             if os.fstat(f.fileno()).st_size != head["size"] or _digest(f, self.HEADER) != head["digest"]:
                 raise ValueError("truncated or corrupt (its checksum does not match)")
@@ -116,8 +116,11 @@ def write_cache(path, key, records, tokenizer, context_length, workers=2):
     head = dict(key=key, n=n, M=M, T=T, dtype=dtype.name, at=at, blob=len(blob), size=size, truncated=cut.value)
     with open(tmp, "r+b") as f:
         head["digest"] = _digest(f, CachedRecords.HEADER)
+        header = json.dumps(head).encode()
+        if len(header) > CachedRecords.HEADER:  # a folder path thousands of characters long
+            raise DataError(f"{path}: the cache's header needs {len(header)} bytes, more than {CachedRecords.HEADER}")
         f.seek(0)
-        f.write(json.dumps(head).encode().ljust(CachedRecords.HEADER))
+        f.write(header.ljust(CachedRecords.HEADER))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
