@@ -360,7 +360,8 @@ def print_table(results, file=sys.stdout):
             f"{z} {results[f'zs/{z}/top1']:.1f}/{results[f'zs/{z}/top5']:.1f}" for z in zs), file=file)
     if held:
         print(f"how to read it: compare the two above across runs (held-out image->text R@1 by chance "
-              f"{100 / results['n']:.1f} %, main_shape by chance 12.5 %); below, the texts it trained on", file=file)
+              f"{100 / results['n']:.1f} %, main_shape by chance {100 / len(world.SHAPES):.1f} %); below, the texts it "
+              f"trained on", file=file)
         retrieval("own texts", "own/")
     for group in ("slot", "branch"):  # M slots, K branches: counted from the keys
         count = sum(k.startswith(group) and k.endswith("/i2t_R@1") for k in results)
