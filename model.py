@@ -42,7 +42,7 @@ class ModelConfig:
     branches: int = 1          # K image embeddings per image; K = 1 is plain CLIP
     branch_type: str = "cls"   # "cls": K class tokens | "mlp": K copies of the last L blocks' c_proj
     isolate_cls: bool = True   # CLS design: class tokens cannot see each other (the paper's intent)
-    official_mask: bool = False  # CLS design: instead, the official code's mask as it runs (isolation_mask)
+    official_mask: bool = False  # CLS design: instead, the official code's mask as it runs (official_bias)
     mlp_branch_layers: int = 3  # L: MLP design, how many final blocks carry K copies (paper: 3 of 12)
     quick_gelu: bool = False   # x * sigmoid(1.702 x) in the MLPs, as openai's released weights were trained
     vocab_size: int            # from the tokenizer; its largest id is EOT
