@@ -80,14 +80,14 @@ def write_cache(path, key, records, tokenizer, context_length, workers=2):
     their rows of the token array in place. Written as path.tmp, then renamed: whole or absent."""
     n, M, T, tmp = len(records), len(records[0]["caption"]), context_length, path + ".tmp"
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.int32)
-    blob = b"".join(r["image"].encode() for r in records)
+    paths = [r["image"].encode() for r in records]  # UTF-8, once: the blob and where each path ends in it
+    blob = b"".join(paths)
     at, size = {}, CachedRecords.HEADER
     for name, nbytes in ("ends", 8 * n), ("lines", 4 * n), ("paths", len(blob)), ("tokens", n * M * T * dtype.itemsize):
         at[name], size = size, size + -(-nbytes // 8) * 8
     with open(tmp, "wb") as f:
         f.truncate(size)
-    np.memmap(tmp, np.int64, "r+", offset=at["ends"], shape=(n,))[:] = np.cumsum([len(r["image"].encode())
-                                                                                  for r in records])
+    np.memmap(tmp, np.int64, "r+", offset=at["ends"], shape=(n,))[:] = np.cumsum([len(p) for p in paths])
     np.memmap(tmp, np.int32, "r+", offset=at["lines"], shape=(n,))[:] = [r["line"] for r in records]
     np.memmap(tmp, np.uint8, "r+", offset=at["paths"], shape=(len(blob),))[:] = np.frombuffer(blob, np.uint8)
     context = multiprocessing.get_context("fork")
