@@ -63,13 +63,18 @@ class ModelConfig:
             "K > 1 needs 1 <= mlp_branch_layers <= vision_layers"
 
 
-# ModelConfig kwargs without branches/vocab_size: ModelConfig(**{**PRESETS["tiny"], "branches": 4,
-# "vocab_size": tok.vocab_size}). tiny: one forward+backward at B = 128, K = M = 6 takes ~0.4 s on
-# 2 CPU cores; context 32 holds the synthetic world's longest caption (31 tokens with SOT/EOT).
-# base is the paper's ViT-B/16 (paper.md section 5) with its L = 3 of 12 branched blocks.
+# ModelConfig kwargs without branches/vocab_size: ModelConfig(**{**PRESETS["tiny-conv"], "branches": 4,
+# "vocab_size": tok.vocab_size}). tiny-conv (train.py's default) is tiny with a conv stem and 16 x 16 patches: a
+# training step at B = 128, K = M = 6 takes 1.3 s on one CPU core against tiny's 1.5 s (about half of either is
+# the M = 6 texts), and it learns the world's shapes, which tiny barely does (results/presets.md). tiny is the
+# plain patchify ViT that openai/open_clip weights fit (prepare/clip.py). Context 32 holds the synthetic world's
+# longest caption (31 tokens with SOT/EOT). base is the paper's ViT-B/16 (paper.md section 5) with its L = 3 of
+# 12 branched blocks.
 PRESETS = {
     "tiny": dict(image_size=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=2, mlp_branch_layers=2,
                  text_width=64, text_layers=2, text_heads=2, context_length=32, embed_dim=64),
+    "tiny-conv": dict(image_size=64, patch_size=16, conv_stem=True, vision_width=96, vision_layers=4, vision_heads=2,
+                      mlp_branch_layers=2, text_width=64, text_layers=2, text_heads=2, context_length=32, embed_dim=64),
     "small": dict(image_size=64, patch_size=8, vision_width=384, vision_layers=6, vision_heads=6, mlp_branch_layers=2,
                   text_width=256, text_layers=6, text_heads=4, context_length=77, embed_dim=256),
     "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
@@ -184,7 +189,7 @@ def conv_stem(D, patch_size):
     Pooling before the norm runs BatchNorm and ReLU on a quarter of the pixels; with the input in channels-last
     (patchify) caption.py's CPU training step is 1.2-1.4x faster than conv-norm-ReLU-pool (bench/caption_step.py).
     Same patch grid, (B, 3, S, S) -> (B, D, S/p, S/p). A ViT trained from scratch on a few thousand images
-    learns shapes much sooner with it (caption.py uses it; no preset does). Stride-2 convolutions without
+    learns shapes much sooner with it (caption.py and the tiny-conv preset use it). Stride-2 convolutions without
     the max-pool and the norm learned shapes about as slowly as the patchify conv (results/captioner.md).
     BatchNorm uses each process's own batch (under DDP the running statistics of rank 0 are broadcast);
     inference needs .eval()."""

@@ -3,7 +3,7 @@
 One file, read top to bottom: config, distributed/device, data, model, optimizer, resume, compile/DDP,
 schedule, the loop's helpers, loop, final evaluation. The same script runs as one plain process or under torchrun:
 
-    python train.py                                   # built-in synthetic world, tiny preset, CPU, ~10 min
+    python train.py                                   # built-in synthetic world, tiny-conv preset, CPU, ~10 min
     python train.py --train-data d/train.jsonl --val-data d/val.jsonl --model small --branches 6
     torchrun --nproc_per_node=8 train.py --model base --train-data cc3m/train.jsonl --batch-size 256 \
         --epochs 100 --lr 5e-4 --warmup 2000 --wd 0.2 --precision bf16 --compile
@@ -60,7 +60,7 @@ add("--skip-bad", action="store_true", help="skip and count bad records and imag
 add("--vocab-size", type=int, default=1024, help="BPE vocabulary when a tokenizer must be trained")
 add("--tokenizer", help="a tokenizer.json, or CLIP's bpe_simple_vocab_16e6.txt.gz; none given: the data's own")
 # model: a preset of model.py, and the paper's design choices and ablations (paper.md sections 2 and 3)
-add("--model", default="tiny", choices=list(PRESETS), help="architecture preset (model.py)")
+add("--model", default="tiny-conv", choices=list(PRESETS), help="architecture preset (model.py)")
 add("--branches", type=int, help="K image branches for --loss m2m; none given: M")
 add("--branch-type", default="cls", choices=["cls", "mlp"], help="K class tokens or K MLP heads")
 add("--isolate-cls", action=flag, default=True, help="class token i does not see class token j (CLS design)")
@@ -75,7 +75,7 @@ add("--multi-positive", action="store_true", help="identical texts in a batch ar
 add("--pretrained", help="an openai/CLIP or open_clip ViT file (.pt, .bin, .safetensors), copied into the K branches")
 add("--force-quick-gelu", action="store_true", help="QuickGELU in the MLPs, as openai's released weights need")
 add("--force-image-size", type=int, help="image side other than the preset's; --pretrained positions are resampled")
-# optimisation: the paper's recipe (paper.md section 5), with defaults sized for the tiny preset on a CPU
+# optimisation: the paper's recipe (paper.md section 5), with defaults sized for the tiny-conv preset on a CPU
 add("--batch-size", type=int, default=128, help="images per rank (B)")
 add("--lr", type=float, default=1e-3, help="peak learning rate")
 add("--wd", type=float, default=0.2, help="AdamW weight decay on >= 2-D weights")
@@ -130,6 +130,9 @@ def check_flags(args):
         fail(f"--branches {args.branches} sets K for --loss m2m; --loss {args.loss} has one branch (K = 1)")
     if args.csv_separator is not None and len(args.csv_separator) != 1:
         fail(f"--csv-separator {args.csv_separator!r}: one character, such as ',' or $'\\t'")
+    if args.pretrained and PRESETS[args.model].get("conv_stem"):
+        fail(f"--pretrained fits a patchify ViT: --model {args.model} has a conv stem, which CLIP weights lack "
+             "(use --model tiny, small or base)")
     patch = PRESETS[args.model]["patch_size"]
     if args.force_image_size is not None and (args.force_image_size < patch or args.force_image_size % patch):
         fail(f"--force-image-size {args.force_image_size}: a multiple of --model {args.model}'s patch size {patch}")

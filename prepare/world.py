@@ -8,6 +8,7 @@ tests measure each one from the pixels (tests/test_world.py).
 
     python prepare/world.py                          # -> data/shapes: 20k train + 1k val, 64 px, seed 0, V = 1024
     python prepare/world.py --out DIR --train-size N --val-size N --image-size S --seed S --vocab-size V
+    python prepare/world.py --out data/scenes --scenes      # scene types tie background, style and shapes
     python data.py --check data/shapes/train.jsonl --captions 6
     python -m pytest -q tests/test_world.py
 
@@ -69,17 +70,23 @@ LABEL_TEMPLATES = {"main_shape": ["a {}", "the main object is a {}", "one {}"],
                    "bg_pattern": ["a background with a {} pattern", "{} pattern", "a {} background"],
                    "bg_colour": ["a {} background", "the background is {}", "{} background"],
                    "style": ["a {} style picture", "{} style", "the picture looks {}"]}
+# --scenes, a controlled variant: in photographs places tie content and setting together (beaches have sand and
+# sky); in the default world the background and the style are independent of the objects. A scene type i ties them:
+# pattern PATTERNS[i], style STYLES[i], a background colour among every fourth colour from i, shapes of its own two.
+SCENE_TYPES = [dict(pattern=PATTERNS[i], style=STYLES[i], colours=list(COLOURS)[i::4], shapes=SHAPES[2 * i:2 * i + 2])
+               for i in range(4)]
 
 
 # -----------------------------------------------------------------------------
 # A scene: sampled from an rng, drawn into pixels, its per-object masks and its zero-shot labels
 
-def sample_scene(rng, image_size=64):
+def sample_scene(rng, image_size=64, scenes=False):
     """A random scene as a JSON-serialisable dict; `rng` is a random.Random, so the scene is a function of it.
-    Boxes are [x0, y0, x1, y1) in pixels; "seed" drives the noise of the noisy style."""
+    Boxes are [x0, y0, x1, y1) in pixels; "seed" drives the noise of the noisy style. scenes: first draw a scene
+    type (SCENE_TYPES), which fixes the pattern and the style and narrows the background colour and the shapes."""
     # every draw comes from rng in a fixed order: changing that order changes every image of a seed
-    S = image_size
-    bg = rng.choice(list(COLOURS))
+    S, kind = image_size, SCENE_TYPES[rng.randrange(len(SCENE_TYPES))] if scenes else None
+    bg = rng.choice(kind["colours"] if kind else list(COLOURS))
     n = rng.randint(1, 3)
     # At most one large object, drawn first: the main object is unambiguous in the pixels, and the small objects
     # drawn over it stay whole (they may hide a corner of it, never all of it).
@@ -90,10 +97,11 @@ def sample_scene(rng, image_size=64):
         # cell centres at 20/50/80 % of the side (not 1/6, 1/2, 5/6) so large objects fit; jitter of S/32
         cx, cy = (S * (0.2 + 0.3 * c) + rng.uniform(-S / 32, S / 32) for c in (cell % 3, cell // 3))
         x0, y0 = (min(max(round(c - side / 2), 0), S - side) for c in (cx, cy))
-        objects.append({"shape": rng.choice(SHAPES), "colour": rng.choice([c for c in COLOURS if c != bg]),
+        objects.append({"shape": rng.choice(kind["shapes"] if kind else SHAPES), "colour": rng.choice([c for c in COLOURS if c != bg]),
                         "size": size, "position": POSITIONS[cell], "box": [x0, y0, x0 + side, y0 + side]})
-    return {"image_size": S, "background": {"colour": bg, "pattern": rng.choice(PATTERNS)},
-            "style": rng.choice(STYLES), "seed": rng.getrandbits(31), "objects": objects}
+    pattern = kind["pattern"] if kind else rng.choice(PATTERNS)
+    return {"image_size": S, "background": {"colour": bg, "pattern": pattern},
+            "style": kind["style"] if kind else rng.choice(STYLES), "seed": rng.getrandbits(31), "objects": objects}
 
 
 def object_mask(obj, S):
@@ -266,18 +274,18 @@ def human_captions(scene, rng, n=5):
 
 def _make_sample(job):
     """Render and save sample `index`; everything comes from (seed, index), so any worker gives the same bytes.
-    job: (index, seed, image_size, out, val), one tuple because Pool.imap passes a single argument. A val image
-    also gets its held-out captions, "human", from a random stream of their own (the rest is as without them)."""
-    index, seed, image_size, out, val = job
+    job: (index, seed, image_size, scenes, out, val), one tuple because Pool.imap passes a single argument. A val
+    image also gets its held-out captions, "human", from a random stream of their own (the rest is as without them)."""
+    index, seed, image_size, scenes, out, val = job
     rng = random.Random(f"{seed}:{index}")  # str seeds go through sha512: stable across processes and runs
-    scene = sample_scene(rng, image_size)
+    scene = sample_scene(rng, image_size, scenes)
     name = f"images/{index:06d}.png"
     render_scene(scene).save(os.path.join(out, name), compress_level=1)  # fast zlib: 2x quicker, ~10 % larger
     record = {"image": name, "caption": scene_texts(scene, rng), "scene": scene, "labels": scene_labels(scene)}
     return {**record, "human": human_captions(scene, random.Random(f"{seed}:{index}:human"))} if val else record
 
 
-def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, vocab_size=1024):
+def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, vocab_size=1024, scenes=False):
     """Write out/world.json (WORLD_VERSION and these arguments), out/images/*.png and, through data.py's
     write_splits, the jsonl files and the tokenizer (trained on the train captions), train.jsonl last. Val images
     are numbered after the train images. Overwrites what is there: the command line refuses an existing dataset."""
@@ -285,7 +293,7 @@ def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, voca
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, "train.jsonl"))
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    jobs = [(i, seed, image_size, out, i >= train_size) for i in range(train_size + val_size)]
+    jobs = [(i, seed, image_size, scenes, out, i >= train_size) for i in range(train_size + val_size)]
     # 2 processes, ~2x faster on 2 cores; imap keeps the order. fork (not spawn, the macOS default): the workers
     # must not re-run the calling script (train.py calls make_world from its top level)
     with multiprocessing.get_context("fork").Pool(2) as pool:
@@ -293,7 +301,7 @@ def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, voca
                             disable=None))
     # fixed key order and no time stamp: same arguments, same bytes
     provenance = dict(version=WORLD_VERSION, train_size=train_size, val_size=val_size, image_size=image_size,
-                      seed=seed, vocab_size=vocab_size)
+                      seed=seed, vocab_size=vocab_size, scenes=scenes)
     with open(os.path.join(out, "world.json"), "w", encoding="utf-8") as f:
         f.write(json.dumps(provenance) + "\n")
     write_splits(out, records[:train_size], records[train_size:], vocab_size)
@@ -319,8 +327,9 @@ def world_mismatch(out, **kwargs):
         return f"{path} is not a world.json"
     if have.get("version") != WORLD_VERSION:
         return f"{out} was written by world version {have.get('version')}, not {WORLD_VERSION}"
+    defaults = inspect.signature(make_world).parameters  # an argument newer than the file: its default was used
     for key, value in want.arguments.items():  # in make_world's order: the first difference
-        if key != "out" and have.get(key) != value:
+        if key != "out" and have.get(key, defaults[key].default) != value:
             return f"{out} was written with {key} {have.get(key)}, not {value}"
     return None
 
@@ -339,13 +348,14 @@ def main():
     p.add_argument("--image-size", type=int, default=64, help="image side S in pixels")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary V incl. PAD/SOT/EOT")
+    p.add_argument("--scenes", action="store_true", help="scene types tie background, style and shapes (SCENE_TYPES)")
     args = p.parse_args()
     for name in ("train.jsonl", "val.jsonl"):  # make_world would overwrite them: never silently
         if os.path.exists(os.path.join(args.out, name)):
             sys.exit(f"error: {args.out} already holds a dataset ({name}): remove it or choose another --out")
     try:
         t0 = time.time()
-        make_world(args.out, args.train_size, args.val_size, args.image_size, args.seed, args.vocab_size)
+        make_world(args.out, args.train_size, args.val_size, args.image_size, args.seed, args.vocab_size, args.scenes)
         print(f"wrote {args.train_size} train + {args.val_size} val images of {args.image_size} px to {args.out} "
               f"in {time.time() - t0:.1f} s")
         print_summary(args.out, SLOTS)

@@ -1,6 +1,6 @@
 """Tests for results/compare.py, the ablation tables: the seeds of one run are one row (mean ± standard
-deviation, against Python's statistics module), a run without results is left out, and the script's
-command line prints the same table as the function.
+deviation, against Python's statistics module), a run without results is left out, the script's command line
+prints the same table as the function, and the claims' verdicts follow their rule on hand-made rows.
 
     python -m pytest -q tests/test_compare.py
 """
@@ -11,6 +11,8 @@ import subprocess
 import sys
 from io import StringIO
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("compare", ROOT / "results" / "compare.py")
@@ -34,7 +36,7 @@ def test_seeds_are_one_row(tmp_path):
             json.dumps({**RESULT, "i2t_R@1": value}) + "\n")
     runs = [str(run), *(str(tmp_path / "runs" / n) for n in ("abl-s1", "abl-s2", "missing-s0"))]
     out = StringIO()
-    compare.compare(runs, file=out)
+    compare.table(compare.load(runs), file=out)
     lines = out.getvalue().splitlines()
     header, rule, first, second = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert header[:5] == ["run", "seeds", "i2t", "t2i", "best branch i2t"] and len(first) == len(header)
@@ -57,3 +59,62 @@ def test_empty_results_are_left_out(tmp_path):
     assert [line.split("|")[1].strip() for line in p.stdout.splitlines()[2:]] == ["done"]
     for name in ("empty", "blank"):
         assert f"{tmp_path / name / 'results.jsonl'}: no results yet, left out" in p.stderr, p.stderr
+
+
+def claim_rows(o2m, o2o, cos=(0.3, 0.4), wins=(5, 0)):
+    """Rows as load() returns them: two seeds each of o2m and o2o (image->text R@1) and of m2m-cls."""
+    return {"o2m": [{"i2t_R@1": v} for v in o2m], "o2o": [{"i2t_R@1": v} for v in o2o],
+            "m2m-cls": [{"inter_branch_cos": c, "branch_wins": [w, 9]} for c, w in zip(cos, wins)]}
+
+
+@pytest.mark.parametrize("o2m, o2o, verdict", [
+    ((50.0, 52.0), (10.0, 12.0), "holds"),              # gap 40 > 2 * hypot(1.41, 1.41) = 4
+    ((10.0, 12.0), (50.0, 52.0), "does not hold"),      # the same gap reversed
+    ((50.0, 54.0), (48.0, 52.0), "inside the spread"),  # gap 2 < 2 * hypot(2.83, 2.83) = 8
+    ((50.0,), (10.0, 12.0), "one seed, no spread"),
+])
+def test_claim_verdicts_follow_the_rule(o2m, o2o, verdict):
+    out = StringIO()
+    compare.claims(claim_rows(o2m, o2o), file=out)
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.getvalue().splitlines()[2:]}
+    assert cells["1. several texts beat one (O2M > O2O)"][1] == verdict
+    assert cells["2. the same, MLP design"][1] == "not run yet"              # no m2m-mlp rows
+    assert cells["6. the branches do not collapse"][1] == "does not hold"    # seed 1: a branch that wins nothing
+    out = StringIO()
+    compare.claims(claim_rows(o2m, o2o, wins=(5, 1)), file=out)
+    assert "| 6. the branches do not collapse | holds |" in out.getvalue()
+
+
+def test_jsonl_round_trip_and_aggregations(tmp_path):
+    """--jsonl keeps each seed's latest line per aggregation; read back, it gives the same table, and an
+    evaluation with --aggregate std-max is a row of its own."""
+    for seed in (0, 1):
+        run = tmp_path / f"abl-s{seed}"
+        run.mkdir()
+        lines = [RESULT, {**RESULT, "i2t_R@1": 30.0 + seed, "aggregate": "std-max"}]
+        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    runs = [str(tmp_path / "abl-s0"), str(tmp_path / "abl-s1")]
+    p = subprocess.run([sys.executable, "results/compare.py", *runs, "--jsonl", str(tmp_path / "all.jsonl")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    q = subprocess.run([sys.executable, "results/compare.py", str(tmp_path / "all.jsonl")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == q.returncode == 0 and p.stdout == q.stdout, p.stderr + q.stderr
+    rows = [line.split(" | ")[:3] for line in p.stdout.splitlines()[2:]]
+    assert rows == [["| abl", "2", "12.5 ± 0.0"], ["| abl [std-max]", "2", f"30.5 ± {statistics.stdev([30, 31]):.1f}"]]
+
+
+def test_curves_read_validations_and_the_final_evaluation(tmp_path):
+    """results/curves.py: the validations of metrics.jsonl (training lines skipped) plus the final evaluation
+    from results.jsonl; the table pairs the validation nearest 4/5 of the run with the end, and a PNG is written."""
+    run = tmp_path / "abl-s0"
+    run.mkdir()
+    lines = [{"step": 50, "loss": 3.0}] + [{"step": s, "val/i2t_R@1": s / 10, "val/zs/main_shape/top1": s / 20}
+                                           for s in (100, 200, 300, 400)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run / "results.jsonl").write_text(json.dumps({**RESULT, "step": 500, "i2t_R@1": 45.0}) + "\n")
+    p = subprocess.run([sys.executable, "results/curves.py", str(run), "--out", str(tmp_path / "c.png")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    row = [line for line in p.stdout.splitlines() if line.startswith("| abl-s0")][0]
+    assert row == "| abl-s0 | 40.0 (step 400) -> 45.0 | 20.0 (step 400) -> 25.0 |", row  # 4/5 of 500 = 400
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -298,8 +298,9 @@ def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, 
     (["--csv-separator", "ab"], "--csv-separator 'ab': one character"),
     (["--lr", "inf"], "--lr inf: must be a finite number above 0"),
     (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
-    (["--force-image-size", "60"], "--force-image-size 60: a multiple of --model tiny's patch size 8"),
+    (["--force-image-size", "60"], "--force-image-size 60: a multiple of --model tiny-conv's patch size 16"),
     (["--multi-positive"], "--multi-positive is computed by the reference loss only: add --no-fused-loss"),
+    (["--pretrained", "clip.pt"], "--pretrained fits a patchify ViT: --model tiny-conv has a conv stem"),
 ])
 def test_flags_out_of_range_stop_with_their_name(monkeypatch, tmp_path, flags, message):
     result = run_in_process(monkeypatch, "--logs-dir", str(tmp_path), *flags)
@@ -369,8 +370,9 @@ def test_pretrained_clip_starts_every_branch(world, tmp_path, monkeypatch):
     vocab = Tokenizer.load(str(world / "tokenizer.json")).vocab_size
     clip, _ = to_open_clip(HolisticCLIP(ModelConfig(**PRESETS["tiny"], vocab_size=vocab)))
     torch.save(clip, tmp_path / "clip.pt")
-    assert train_here(monkeypatch, world, tmp_path / "runs", "--name", "ft", "--pretrained", str(tmp_path / "clip.pt"),
-                      "--max-steps", "1", "--lr", "1e-12", "--wd", "0", "--val-data", "none") is None
+    assert train_here(monkeypatch, world, tmp_path / "runs", "--name", "ft", "--model", "tiny", "--pretrained",
+                      str(tmp_path / "clip.pt"), "--max-steps", "1", "--lr", "1e-12", "--wd", "0",
+                      "--val-data", "none") is None
     got = weights(tmp_path / "runs" / "ft")
     assert got["visual.class_embedding"].shape == (M, PRESETS["tiny"]["vision_width"])
     for name, w in got.items():
@@ -417,7 +419,7 @@ def test_weight_decay_as_the_official_code(world, tmp_path, monkeypatch):
     assert train_here(monkeypatch, world, tmp_path, "--name", "wd", "--max-steps", "1", "--val-data", "none") is None
     decay, other = groups
     assert decay["weight_decay"] == 0.2 and other["weight_decay"] == 0.0
-    t = PRESETS["tiny"]
+    t = PRESETS["tiny-conv"]  # train.py's default
     N = (t["image_size"] // t["patch_size"]) ** 2
     shapes = [tuple(q.shape) for q in decay["params"]]
     assert (M, t["vision_width"]) in shapes and (M + N, t["vision_width"]) in shapes  # class and positions

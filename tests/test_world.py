@@ -48,9 +48,9 @@ def test_same_seed_same_bytes(world, tmp_path):
     for name in names:
         assert (world / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
     assert (world / "train.jsonl").read_bytes() != (tmp_path / "b" / "train.jsonl").read_bytes()
-    alone = prepare.world._make_sample((5, 1, 64, str(tmp_path / "b"), False))  # in this process, not a worker
+    alone = prepare.world._make_sample((5, 1, 64, False, str(tmp_path / "b"), False))  # in this process, not a worker
     assert json.dumps(alone) + "\n" == (world / "train.jsonl").read_text().splitlines(keepends=True)[5]
-    alone = prepare.world._make_sample((25, 1, 64, str(tmp_path / "b"), True))  # a val image: its held-out texts
+    alone = prepare.world._make_sample((25, 1, 64, False, str(tmp_path / "b"), True))  # a val image: its held-out texts
     assert json.dumps(alone) + "\n" == (world / "val.jsonl").read_text().splitlines(keepends=True)[1]
 
 
@@ -59,10 +59,19 @@ def test_world_json_and_mismatch(world, tmp_path, monkeypatch):
     asked for, or None."""
     version, mismatch = prepare.world.WORLD_VERSION, prepare.world.world_mismatch
     assert json.loads((world / "world.json").read_text()) == {
-        "version": version, "train_size": 24, "val_size": 8, "image_size": 64, "seed": 1, "vocab_size": 1024}
+        "version": version, "train_size": 24, "val_size": 8, "image_size": 64, "seed": 1, "vocab_size": 1024,
+        "scenes": False}
     assert mismatch(str(world), train_size=24, val_size=8, seed=1) is None
+    assert mismatch(str(world), train_size=24, val_size=8, seed=1, scenes=True) == (
+        f"{world} was written with scenes False, not True")
     assert mismatch(str(world), train_size=24, val_size=8, seed=0) == f"{world} was written with seed 1, not 0"
     assert mismatch(str(world)) == f"{world} was written with train_size 24, not 20000"  # make_world's defaults
+    provenance = json.loads((world / "world.json").read_text())
+    del provenance["scenes"]  # a world.json from before an argument existed: the argument's default was used
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "train.jsonl").write_text("")
+    (tmp_path / "w" / "world.json").write_text(json.dumps(provenance))
+    assert mismatch(str(tmp_path / "w"), train_size=24, val_size=8, seed=1) is None
     monkeypatch.setattr(prepare.world, "WORLD_VERSION", version + 1)  # the generator changed since
     assert mismatch(str(world), train_size=24, val_size=8, seed=1) == (
         f"{world} was written by world version {version}, not {version + 1}")
@@ -74,6 +83,20 @@ def test_world_json_and_mismatch(world, tmp_path, monkeypatch):
     assert mismatch(str(old)).startswith(f"{old / 'world.json'} is not valid JSON")
     with pytest.raises(TypeError):
         mismatch(str(world), size=3)  # a misspelt argument is an error, not a silent match
+
+
+def test_scene_types_tie_background_style_and_shapes():
+    """--scenes: every scene's pattern, style, background colour and shapes belong to one scene type, all four
+    types occur; without it, 200 scenes break that tie (the default world's background is independent)."""
+    def fits(scene, kind):
+        return (scene["background"]["pattern"] == kind["pattern"] and scene["style"] == kind["style"]
+                and scene["background"]["colour"] in kind["colours"]
+                and all(o["shape"] in kind["shapes"] for o in scene["objects"]))
+    types = prepare.world.SCENE_TYPES
+    seen = [[i for i, kind in enumerate(types) if fits(sample_scene(random.Random(n), 64, scenes=True), kind)]
+            for n in range(200)]
+    assert all(len(s) == 1 for s in seen) and {s[0] for s in seen} == set(range(len(types)))
+    assert sum(any(fits(sample_scene(random.Random(n), 64), kind) for kind in types) for n in range(200)) < 50
 
 
 def test_world_json_before_train_jsonl(tmp_path, monkeypatch):
