@@ -445,6 +445,7 @@ def check_flags(args):
                          any(p not in PROMPTS or p not in args.slots.split(",") for p in args.prompts.split(","))}
     else:  # generate appends to --out: --data itself (any spelling of its path) would lose its ground truth
         problems["--out is --data: choose another --out"] = os.path.realpath(args.out) == os.path.realpath(args.data)
+        problems[f"--top-p {args.top_p}: must be in (0, 1]"] = not 0 < args.top_p <= 1
     if any(problems.values()):
         sys.exit("error: " + "; ".join(message for message, bad in problems.items() if bad))
 

@@ -512,6 +512,8 @@ def check_flags(args):
     """The flag-validation layer, right after parsing: a combination that cannot work stops here (exit 1)."""
     if args.zeroshot_jsonl and not args.classnames:
         sys.exit("error: --zeroshot-jsonl needs --classnames FILE (one class name per line)")
+    if args.batch_size < 1:
+        sys.exit(f"error: --batch-size {args.batch_size}: must be at least 1")
 
 
 def load_checkpoint(path, device):

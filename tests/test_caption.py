@@ -232,6 +232,10 @@ def test_generate_refuses_out_equal_to_data(toy, tmp_path):
                       "--out", out)
         assert msg.startswith("error: ") and "--out" in msg and "--data" in msg, msg
     assert (tmp_path / "val.jsonl").read_bytes() == (toy / "val.jsonl").read_bytes()
+    for top_p in ("0", "1.5"):  # no nucleus at all, or more than all of the mass
+        msg = refused("generate", "--ckpt", toy / "cap" / "captioner.pt", "--data", tmp_path / "val.jsonl",
+                      "--out", tmp_path / "g.jsonl", "--top-p", top_p)
+        assert msg == f"error: --top-p {float(top_p)}: must be in (0, 1]", msg
 
 
 @pytest.mark.parametrize("kind", ["text", "truncated", "clip"])

@@ -355,7 +355,8 @@ def refused(monkeypatch, *argv):
 
 
 def test_cli_refuses_nan_checkpoint(world, tmp_path):
-    """NaN scores pass no ">=" test: a NaN model scored 100 % and was appended to results.jsonl."""
+    """NaN scores pass no ">=" test: a NaN model scored 100 % and was appended to results.jsonl. A batch size of 0
+    stops too, named."""
     tiny_checkpoint(world, tmp_path / "good.pt")
     ckpt = torch.load(tmp_path / "good.pt", weights_only=True)
     ckpt["model"]["visual.proj"][0, 0] = math.nan  # one broken weight
@@ -366,6 +367,10 @@ def test_cli_refuses_nan_checkpoint(world, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert f"error: {tmp_path / 'ckpt.pt'}: 1 non-finite tensors (e.g. visual.proj)" in p.stderr, p.stderr
     assert not (tmp_path / "results.jsonl").exists()
+    p = subprocess.run([sys.executable, "eval.py", "--ckpt", str(tmp_path / "good.pt"), "--data",
+                        str(world / "val.jsonl"), "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)  # a batch of 0 images would loop forever or divide by zero
+    assert p.returncode == 1 and p.stderr.strip() == "error: --batch-size 0: must be at least 1", p.stderr
 
 
 @pytest.mark.parametrize("kind", ["text", "truncated", "captioner"])
