@@ -64,16 +64,15 @@ class ModelConfig:
 
 
 # ModelConfig kwargs without branches/vocab_size: ModelConfig(**{**PRESETS["tiny-conv"], "branches": 4,
-# "vocab_size": tok.vocab_size}). tiny-conv (train.py's default) is tiny with a conv stem and 16 x 16 patches: a
-# training step at B = 128, K = M = 6 takes 1.3 s on one CPU core against tiny's 1.5 s (about half of either is
-# the M = 6 texts), and it learns the world's shapes, which tiny barely does (results/presets.md). tiny is the
-# plain patchify ViT that openai/open_clip weights fit (prepare/clip.py). Context 32 holds the synthetic world's
-# longest caption (31 tokens with SOT/EOT). base is the paper's ViT-B/16 (paper.md section 5) with its L = 3 of
-# 12 branched blocks.
+# "vocab_size": tok.vocab_size}). tiny-conv (train.py's default) is tiny with a conv stem in place of the patchify
+# conv: it learns the world's shapes, which tiny barely does, for about 1.3x tiny's step time on a CPU
+# (results/presets.md). tiny is the plain ViT that openai/open_clip weights fit (prepare/clip.py). Context 32 holds
+# the synthetic world's longest caption (31 tokens with SOT/EOT). base is the paper's ViT-B/16 (paper.md
+# section 5) with its L = 3 of 12 branched blocks.
 PRESETS = {
     "tiny": dict(image_size=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=2, mlp_branch_layers=2,
                  text_width=64, text_layers=2, text_heads=2, context_length=32, embed_dim=64),
-    "tiny-conv": dict(image_size=64, patch_size=16, conv_stem=True, vision_width=96, vision_layers=4, vision_heads=2,
+    "tiny-conv": dict(image_size=64, patch_size=8, conv_stem=True, vision_width=96, vision_layers=4, vision_heads=2,
                       mlp_branch_layers=2, text_width=64, text_layers=2, text_heads=2, context_length=32, embed_dim=64),
     "small": dict(image_size=64, patch_size=8, vision_width=384, vision_layers=6, vision_heads=6, mlp_branch_layers=2,
                   text_width=256, text_layers=6, text_heads=4, context_length=77, embed_dim=256),
@@ -323,19 +322,25 @@ class HolisticCLIP(nn.Module):
         return x
 
     def encode_text(self, tokens):
-        """(..., T) token ids -> unit (..., E), read at each text's EOT (its largest id)."""
+        """(..., T) token ids -> unit (..., E), read at each text's EOT (its largest id). The columns after the
+        longest text's EOT are dropped first: under the causal mask no token up to an EOT sees them, so every
+        embedding is the same and a batch of short texts costs what it holds."""
         shape, T = tokens.shape, tokens.shape[-1]
         assert T <= self.config.context_length, f"{T} tokens > context_length {self.config.context_length}"
-        tokens = tokens.reshape(-1, T)                                          # (B*M, T)
-        x = self.token_embedding(tokens) + self.positional_embedding[:T]        # (B*M, T, D)
-        x = self.ln_final(self.transformer(x, is_causal=True))                  # (B*M, T, D), causal
-        x = x[torch.arange(len(x), device=x.device), tokens.argmax(-1)]         # (B*M, D) at each EOT
+        eot = tokens.reshape(-1, T).argmax(-1)                                  # (B*M,) each EOT's position
+        tokens = tokens.reshape(-1, T)[:, :int(eot.max()) + 1]                  # (B*M, T'), T' <= T
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # (B*M, T', D)
+        x = self.ln_final(self.transformer(x, is_causal=True))                  # (B*M, T', D), causal
+        x = x[torch.arange(len(x), device=x.device), eot]                       # (B*M, D) at each EOT
         x = F.normalize(x @ self.text_projection, dim=-1)                       # (B*M, E)
         return x.reshape(*shape[:-1], -1)                                       # (..., E)
 
     def forward(self, images, tokens):
-        """images (B, 3, S, S), tokens (B, M, T) -> img (B, K, E), txt (B, M, E), scale (0-dim)."""
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+        """images (B, 3, S, S), tokens (B, M, T) -> img (B, K, E), txt (B, M, E), scale (0-dim). Slot by slot:
+        each is trimmed to its own longest text (the world's style texts hold 6 tokens, its details 31: 40 % of
+        the (B, M, T = 32) text work)."""
+        txt = torch.stack([self.encode_text(tokens[:, m]) for m in range(tokens.shape[1])], 1)  # (B, M, E)
+        return self.encode_image(images), txt, self.logit_scale.exp()
 
     def encode_patches(self, images):
         """(B, 3, S, S) -> unit (B, N, E): the last layer's patch tokens through ln_post and proj,
@@ -375,7 +380,8 @@ def flops_per_sample(config: ModelConfig, M=1):
     Counts what torch.utils.flop_counter counts, the convention of open_clip's model_profile.csv
     (ViT-B-16: 35.13 image, 5.96 text GFLOP): matmuls (q/k/v/out projections, q k^T and attn @ v over
     all L^2 pairs, even under a causal mask, MLP), conv1 and the final projections, taken at the
-    class tokens / EOT only. LayerNorm, softmax, GELU and adds are left out (under 1%)."""
+    class tokens / EOT only, every text as long as the context (encode_text runs shorter ones shorter).
+    LayerNorm, softmax, GELU and adds are left out (under 1%)."""
     c = config
 
     def block(L, D, streams=1, c_proj_copies=1):

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -261,6 +262,20 @@ def test_tokens_after_eot_do_not_matter():
     assert torch.allclose(model.encode_text(t), model.encode_text(u), atol=1e-12)
 
 
+def test_trimmed_text_equals_the_full_context():
+    """encode_text drops the columns after the longest EOT, and forward each slot's: the same embeddings as the
+    whole context written out here (float64), texts of different lengths in one batch and in different slots."""
+    model, t = micro(), texts(3, 2)
+    for b, m, eot in ((0, 0, 2), (1, 0, 5), (2, 1, 9)):  # slot 0 needs 6 columns, slot 1 needs 10 of 12
+        t[b, m] = torch.where(t[b, m] == EOT, 1, t[b, m])
+        t[b, m, eot] = EOT
+    x = model.ln_final(model.transformer(model.token_embedding(t.flatten(0, 1)) + model.positional_embedding,
+                                         is_causal=True))  # (6, T, D), all T = 12 columns
+    full = F.normalize(x[torch.arange(6), t.flatten(0, 1).argmax(-1)] @ model.text_projection, dim=-1).view(3, 2, -1)
+    assert torch.allclose(model.encode_text(t), full, atol=1e-12)
+    assert torch.allclose(model(images(3), t)[1], full, atol=1e-12)
+
+
 def test_text_is_causal():
     """Changing token p changes the hidden states at p and after, never before."""
     model, t, p = micro(), texts(2), 4
@@ -330,10 +345,10 @@ def test_base_matches_open_clip_vit_b_16():
 @pytest.mark.parametrize("design,K,stem,layers", [("cls", 1, False, 3), ("cls", 3, False, 3), ("mlp", 3, False, 3),
                                                   ("cls", 3, True, 3), ("mlp", 1, True, 0)])
 def test_flops_match_torch_flop_counter(design, K, stem, layers):
-    """The convention counts the full towers: every token of the image, every position of the text. layers 0:
-    caption.py's tower, the stem alone."""
+    """The convention counts the full towers: every token of the image, every position of the text (a text as
+    long as the context: encode_text runs shorter ones shorter). layers 0: caption.py's tower, the stem alone."""
     model = micro(branches=K, branch_type=design, conv_stem=stem, vision_layers=layers, dtype=torch.float32)
-    x, t = images(1, dtype=torch.float32), texts(1)
+    x, t = images(1, dtype=torch.float32), texts(1, eot_at=MICRO["context_length"] - 1)
 
     def count(fn):
         counter = FlopCounterMode(display=False)

@@ -298,7 +298,7 @@ def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, 
     (["--csv-separator", "ab"], "--csv-separator 'ab': one character"),
     (["--lr", "inf"], "--lr inf: must be a finite number above 0"),
     (["--lr", "0"], "--lr 0.0: must be a finite number above 0"),
-    (["--force-image-size", "60"], "--force-image-size 60: a multiple of --model tiny-conv's patch size 16"),
+    (["--force-image-size", "60"], "--force-image-size 60: a multiple of --model tiny-conv's patch size 8"),
     (["--multi-positive"], "--multi-positive is computed by the reference loss only: add --no-fused-loss"),
     (["--pretrained", "clip.pt"], "--pretrained fits a patchify ViT: --model tiny-conv has a conv stem"),
 ])
