@@ -336,9 +336,9 @@ class HolisticCLIP(nn.Module):
         return x.reshape(*shape[:-1], -1)                                       # (..., E)
 
     def forward(self, images, tokens):
-        """images (B, 3, S, S), tokens (B, M, T) -> img (B, K, E), txt (B, M, E), scale (0-dim). Slot by slot:
-        each is trimmed to its own longest text (the world's style texts hold 6 tokens, its details 31: 40 % of
-        the (B, M, T = 32) text work)."""
+        """images (B, 3, S, S), tokens (B, M, T) -> img (B, K, E), txt (B, M, E), scale (0-dim). The texts go
+        slot by slot, each slot trimmed to its own longest text: in the world a batch's longest detail holds 31
+        tokens, its other slots' about 10, so 40 % of the (B, M, T = 32) tokens are run."""
         txt = torch.stack([self.encode_text(tokens[:, m]) for m in range(tokens.shape[1])], 1)  # (B, M, E)
         return self.encode_image(images), txt, self.logit_scale.exp()
 

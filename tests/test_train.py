@@ -78,8 +78,9 @@ def test_smoke_writes_checkpoint_metrics_and_results(world, tmp_path):
 def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(world, tmp_path):
     """2 gloo ranks x batch 4 see the same 8 samples per step as 1 process x batch 8 (DistributedSampler
     splits one permutation; augmentation depends on the sample, not the rank), and the gathered loss with
-    rank-offset targets is the global-batch loss: losses and weights must agree to float32 round-off."""
-    common = ["--max-steps", "4", "--branch-diversity", "--seed", "3"]
+    rank-offset targets is the global-batch loss: losses and weights must agree to float32 round-off. The plain
+    ViT (tiny): the default's conv stem has BatchNorm, which normalises over each rank's own batch."""
+    common = ["--max-steps", "4", "--branch-diversity", "--seed", "3", "--model", "tiny"]
     train(world, tmp_path, "--name", "one", *common, batch=8)
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
