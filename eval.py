@@ -341,9 +341,11 @@ def evaluate(model, dataset, device="cpu", batch_size=256, workers=0, embeddings
     return res
 
 
-def print_table(results, file=sys.stdout):
+def print_table(results, file=None):
     """Fixed-width: the headline retrieval rows i2t / t2i x R@1/5/10 and zero-shot, how to read them, then the views
-    on the training texts (any of the M, per slot, per branch) and the rest."""
+    on the training texts (any of the M, per slot, per branch) and the rest. file: sys.stdout as it is now."""
+    file = file or sys.stdout
+
     def row(name, cells):  # a 16-character name, then 9 characters per cell
         print(f"{name:<16}" + "".join(f"{c:>9}" for c in cells), file=file)
 

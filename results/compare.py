@@ -49,8 +49,9 @@ def spread(values, digits):
     return "-" if not v else f"{statistics.mean(v):.{digits}f}" + (f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
 
 
-def table(rows, file=sys.stdout):
+def table(rows, file=None):
     """One markdown row per row name: fixed columns, then whatever label kinds the runs have."""
+    file = file or sys.stdout
     every = {k for rs in rows.values() for r in rs for k in r}
     keys = ["i2t_R@1", "t2i_R@1", "best_branch/i2t_R@1"] + sorted(k for k in every if re.fullmatch(r"zs/\w+/top1", k))
     keys += ["dense_miou", "inter_branch_cos"]
@@ -96,8 +97,9 @@ def verdict(a, b, test):
     return "holds" if gap > 2 * s else "does not hold" if gap < -2 * s else "inside the spread"
 
 
-def claims(rows, file=sys.stdout):
+def claims(rows, file=None):
     """The claims table: claim | verdict | key numbers (mean ± sd, seeds) | command."""
+    file = file or sys.stdout
     print("| claim | verdict | key numbers (mean ± sd over seeds) | command |\n|---|---|---|---|", file=file)
     for claim, a, b, key, test, command in CLAIMS:
         values = {row: [r[key] for r in rows.get(row, []) if r.get(key) is not None] for row in (a, b) if row}
