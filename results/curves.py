@@ -1,55 +1,32 @@
 """Convergence curves: the held-out image->text R@1 and the main-shape zero-shot top-1 against the step, from the
-validations a run logs with --eval-every (its metrics.jsonl) and its final evaluation (results.jsonl). Draws one
-line per run into a PNG and prints, per run, each metric's change over the last fifth of the run.
+validations a run logs with --eval-every (its metrics.jsonl) and its final evaluation (results.jsonl). One panel
+per metric, one line per run (eval.py's line_chart), and a table of each metric's change over the last fifth.
 
     python results/curves.py runs/ablation/*-s0 --out results/curves.png
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: eval.py
+from eval import line_chart  # noqa: E402
 
 METRICS = {"i2t_R@1": "held-out image->text R@1 (%)", "zs/main_shape/top1": "zero-shot main shape top-1 (%)"}
-COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf"]
 
 
 def curve(run):
-    """A run folder -> (steps, {metric: values}) over its validations, the final evaluation last."""
+    """A run folder -> (steps, {metric: values}) over its validations, the final evaluation (if any) last."""
     lines = [json.loads(line) for line in open(run / "metrics.jsonl") if '"val/' in line]
-    points = [(r["step"], {k: r.get(f"val/{k}") for k in METRICS}) for r in lines]
-    final = [json.loads(line) for line in open(run / "results.jsonl") if line.strip()]
+    points = [(r["step"], {k: r[f"val/{k}"] for k in METRICS}) for r in lines]
+    done = run / "results.jsonl"  # none yet: a run still training, or stopped
+    final = [json.loads(line) for line in open(done) if line.strip()] if done.exists() else []
     if final and (not points or final[0]["step"] > points[-1][0]):  # train.py's own evaluation at the end
-        points.append((final[0]["step"], {k: final[0].get(k) for k in METRICS}))
+        points.append((final[0]["step"], {k: final[0][k] for k in METRICS}))
     return [s for s, _ in points], {k: [v[k] for _, v in points] for k in METRICS}
-
-
-def plot(curves, out, w=420, h=260, margin=36):
-    """{run: (steps, values)} -> one panel per metric side by side, a legend below."""
-    legend = 16 * len(curves)
-    img = Image.new("RGB", (len(METRICS) * (w + margin) + margin, h + 2 * margin + legend), "white")
-    d = ImageDraw.Draw(img)
-    last = max(max(steps) for steps, _ in curves.values())
-    for p, (key, title) in enumerate(METRICS.items()):
-        x0, y0 = margin + p * (w + margin), margin
-        top = max(max(v for v in values[key] if v is not None) for _, values in curves.values())
-        top = 10 * (int(top) // 10 + 1)  # the y axis runs 0 .. the next multiple of 10 above every value
-        d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
-        d.text((x0, 8), title, fill="black")
-        for tick in range(0, top + 1, max(10, top // 5 // 10 * 10)):
-            y = y0 + h - h * tick / top
-            d.line([x0 - 4, y, x0, y], fill="black")
-            d.text((x0 - 24, y - 6), str(tick), fill="black")
-        d.text((x0 + w - 60, y0 + h + 4), f"step {last}", fill="black")
-        for c, (steps, values) in enumerate(curves.values()):
-            xy = [(x0 + w * s / last, y0 + h - h * v / top) for s, v in zip(steps, values[key]) if v is not None]
-            d.line(xy, fill=COLOURS[c % len(COLOURS)], width=2)
-    for c, run in enumerate(curves):
-        y = h + 2 * margin + 16 * c - 8
-        d.line([margin, y + 6, margin + 20, y + 6], fill=COLOURS[c % len(COLOURS)], width=3)
-        d.text((margin + 28, y), run, fill="black")
-    img.save(out)
 
 
 if __name__ == "__main__":
@@ -63,5 +40,7 @@ if __name__ == "__main__":
         i = min(range(len(steps)), key=lambda j: abs(steps[j] - 0.8 * steps[-1]))
         print(f"| {run} | " + " | ".join(f"{values[k][i]:.1f} (step {steps[i]}) -> {values[k][-1]:.1f}"
                                           for k in METRICS) + " |")
-    plot(curves, args.out)
+    panels = [line_chart(title, {run: (steps, values[k]) for run, (steps, values) in curves.items()}, (480, 320))
+              for k, title in METRICS.items()]
+    to_pil_image(make_grid([pil_to_tensor(q) for q in panels], nrow=len(panels), padding=0)).save(args.out)
     print(f"wrote {args.out}")
