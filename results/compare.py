@@ -107,7 +107,7 @@ def claims(rows, file=None):
             print(f"| {claim} | not run yet | | {command} |", file=file)
             continue
         digits = 3 if key == "inter_branch_cos" else 1
-        numbers = " vs ".join(f"{row} {spread(v, digits)} ({len(v)})" for row, v in values.items())
+        numbers = " vs ".join(f"{row} {spread(v, digits)} (n={len(v)})" for row, v in values.items())
         if b is None:  # claim 6: every seed's cosine under the hinge, and every branch wins some samples
             wins = min(min(r["branch_wins"]) for r in rows[a])
             numbers += f"; fewest samples won by a branch: {wins}"
