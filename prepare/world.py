@@ -97,8 +97,9 @@ def sample_scene(rng, image_size=64, scenes=False):
         # cell centres at 20/50/80 % of the side (not 1/6, 1/2, 5/6) so large objects fit; jitter of S/32
         cx, cy = (S * (0.2 + 0.3 * c) + rng.uniform(-S / 32, S / 32) for c in (cell % 3, cell // 3))
         x0, y0 = (min(max(round(c - side / 2), 0), S - side) for c in (cx, cy))
-        objects.append({"shape": rng.choice(kind["shapes"] if kind else SHAPES), "colour": rng.choice([c for c in COLOURS if c != bg]),
-                        "size": size, "position": POSITIONS[cell], "box": [x0, y0, x0 + side, y0 + side]})
+        objects.append({"shape": rng.choice(kind["shapes"] if kind else SHAPES),
+                        "colour": rng.choice([c for c in COLOURS if c != bg]), "size": size,
+                        "position": POSITIONS[cell], "box": [x0, y0, x0 + side, y0 + side]})
     pattern = kind["pattern"] if kind else rng.choice(PATTERNS)
     return {"image_size": S, "background": {"colour": bg, "pattern": pattern},
             "style": kind["style"] if kind else rng.choice(STYLES), "seed": rng.getrandbits(31), "objects": objects}
@@ -329,8 +330,8 @@ def world_mismatch(out, **kwargs):
         return f"{out} was written by world version {have.get('version')}, not {WORLD_VERSION}"
     defaults = inspect.signature(make_world).parameters  # an argument newer than the file: its default was used
     for key, value in want.arguments.items():  # in make_world's order: the first difference
-        if key != "out" and have.get(key, defaults[key].default) != value:
-            return f"{out} was written with {key} {have.get(key)}, not {value}"
+        if key != "out" and (had := have.get(key, defaults[key].default)) != value:
+            return f"{out} was written with {key} {had}, not {value}"
     return None
 
 

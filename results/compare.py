@@ -46,7 +46,8 @@ def load(inputs):
 def spread(values, digits):
     """"mean", or "mean ± sample standard deviation" over seeds; "-" when absent."""
     v = [x for x in values if x is not None]
-    return "-" if not v else f"{statistics.mean(v):.{digits}f}" + (f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
+    sd = f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else ""
+    return f"{statistics.mean(v):.{digits}f}{sd}" if v else "-"
 
 
 def table(rows, file=None):

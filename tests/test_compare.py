@@ -100,7 +100,8 @@ def test_jsonl_round_trip_and_aggregations(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == q.returncode == 0 and p.stdout == q.stdout, p.stderr + q.stderr
     rows = [line.split(" | ")[:3] for line in p.stdout.splitlines()[2:]]
-    assert rows == [["| abl", "2", "12.5 ± 0.0"], ["| abl [std-max]", "2", f"30.5 ± {statistics.stdev([30, 31]):.1f}"]]
+    assert rows == [["| abl", "2", "12.5 ± 0.0"],
+                    ["| abl [std-max]", "2", f"30.5 ± {statistics.stdev([30, 31]):.1f}"]]
 
 
 def test_curves_read_validations_and_the_final_evaluation(tmp_path):
