@@ -69,11 +69,11 @@ class ModelConfig:
 # (results/presets.md). tiny is the plain ViT that openai/open_clip weights fit (prepare/clip.py). Context 32 holds
 # the synthetic world's longest caption (31 tokens with SOT/EOT). base is the paper's ViT-B/16 (paper.md
 # section 5) with its L = 3 of 12 branched blocks.
+TINY = dict(image_size=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=2, mlp_branch_layers=2,
+            text_width=64, text_layers=2, text_heads=2, context_length=32, embed_dim=64)
 PRESETS = {
-    "tiny": dict(image_size=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=2, mlp_branch_layers=2,
-                 text_width=64, text_layers=2, text_heads=2, context_length=32, embed_dim=64),
-    "tiny-conv": dict(image_size=64, patch_size=8, conv_stem=True, vision_width=96, vision_layers=4, vision_heads=2,
-                      mlp_branch_layers=2, text_width=64, text_layers=2, text_heads=2, context_length=32, embed_dim=64),
+    "tiny": TINY,
+    "tiny-conv": {**TINY, "conv_stem": True},
     "small": dict(image_size=64, patch_size=8, vision_width=384, vision_layers=6, vision_heads=6, mlp_branch_layers=2,
                   text_width=256, text_layers=6, text_heads=4, context_length=77, embed_dim=256),
     "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
@@ -327,8 +327,9 @@ class HolisticCLIP(nn.Module):
         embedding is the same and a batch of short texts costs what it holds."""
         shape, T = tokens.shape, tokens.shape[-1]
         assert T <= self.config.context_length, f"{T} tokens > context_length {self.config.context_length}"
-        eot = tokens.reshape(-1, T).argmax(-1)                                  # (B*M,) each EOT's position
-        tokens = tokens.reshape(-1, T)[:, :int(eot.max()) + 1]                  # (B*M, T'), T' <= T
+        tokens = tokens.reshape(-1, T)                                          # (B*M, T)
+        eot = tokens.argmax(-1)                                                 # (B*M,) each EOT's position
+        tokens = tokens[:, :int(eot.max()) + 1]                                 # (B*M, T'), T' <= T
         x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # (B*M, T', D)
         x = self.ln_final(self.transformer(x, is_causal=True))                  # (B*M, T', D), causal
         x = x[torch.arange(len(x), device=x.device), eot]                       # (B*M, D) at each EOT

@@ -100,8 +100,7 @@ def sample_scene(rng, image_size=64, scenes=False):
         objects.append({"shape": rng.choice(kind["shapes"] if kind else SHAPES),
                         "colour": rng.choice([c for c in COLOURS if c != bg]), "size": size,
                         "position": POSITIONS[cell], "box": [x0, y0, x0 + side, y0 + side]})
-    pattern = kind["pattern"] if kind else rng.choice(PATTERNS)
-    return {"image_size": S, "background": {"colour": bg, "pattern": pattern},
+    return {"image_size": S, "background": {"colour": bg, "pattern": kind["pattern"] if kind else rng.choice(PATTERNS)},
             "style": kind["style"] if kind else rng.choice(STYLES), "seed": rng.getrandbits(31), "objects": objects}
 
 
