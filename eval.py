@@ -390,7 +390,7 @@ def print_table(results, file=None):
 # Pixel sizes are spelt out (width, height, left, top, ...): W and T keep their meanings (world size, tokens).
 
 RED = torch.tensor([0.85, 0.1, 0.1])
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 
 
 def blend(base, x):
