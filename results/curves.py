@@ -1,6 +1,7 @@
 """Convergence curves: the held-out image->text R@1 and the main-shape zero-shot top-1 against the step, from the
 validations a run logs with --eval-every (its metrics.jsonl) and its final evaluation (results.jsonl). One panel
-per metric, one line per run (eval.py's line_chart), and a table of each metric's change over the last fifth.
+per metric, one line per run (results/pictures.py's line_chart), and a table of each metric's change over the last
+fifth.
 
     python results/curves.py runs/ablation/*-s0 --out results/curves.png
 """
@@ -12,8 +13,8 @@ from pathlib import Path
 from torchvision.utils import make_grid
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: eval.py
-from eval import line_chart  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: data.py, results/
+from results.pictures import line_chart  # noqa: E402
 
 METRICS = {"i2t_R@1": "held-out image->text R@1 (%)", "zs/main_shape/top1": "zero-shot main shape top-1 (%)"}
 
