@@ -55,8 +55,7 @@ PROMPTS = {
     "nouns": "Briefly describe the image with few noun words separated by ','.",
     "style": "Describe the style or your feelings about this image, do not say anything about the objects "
              "in the image.",
-    "background": "Describe only the background of this image, do not say anything about the foreground "
-                  "objects.",
+    "background": "Describe only the background of this image, do not say anything about the foreground objects.",
     "main": "Describe only the one main object in the image, do not say anything about the other objects "
             "or background.",
 }

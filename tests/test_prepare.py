@@ -231,7 +231,9 @@ def test_prepare_emoji_with_a_small_cldr(tmp_path, monkeypatch, capsys):
     raqm = features.check("raqm")  # without libraqm the two regional indicators of 🇫🇷 stay two glyphs
     assert counts["dropped: no glyph in the font"] == 1 and counts["dropped: drawn as several glyphs"] == (not raqm)
     assert counts["kept"] == 6 + raqm and counts["note: no group in emoji-test.txt"] == 5 + raqm
-    records = {r["source"]: r for split in ("train", "val") for r in read_records(tmp_path / "a" / f"{split}.jsonl")}
+    splits = [tmp_path / "a" / f"{split}.jsonl" for split in ("train", "val")]  # two groups: val may be empty
+    records = {r["source"]: r for path in splits if path.read_text().strip() for r in read_records(path)}
+    assert len(records) == counts["kept"]
     assert records["U+1F44D U+1F3FD"]["caption"] == [
         "thumbs up: medium skin tone", "+1, hand, medium skin tone, thumb, up", "symbols"]
     assert records["U+1F44D"]["caption"] == ["thumbs up", "+1, hand, thumb, up", "people & body / hand fingers closed"]
