@@ -3,18 +3,15 @@ validations a run logs with --eval-every (its metrics.jsonl) and its final evalu
 per metric, one line per run (results/pictures.py's line_chart), and a table of each metric's change over the last
 fifth.
 
-    python results/curves.py runs/ablation/*-s0 --out results/curves.png
+    python results/curves.py runs/ablation/{o2o,o2m,m2m}*-s0 --out results/curves.png   # the world's rows
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from torchvision.utils import make_grid
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: data.py, results/
-from results.pictures import line_chart  # noqa: E402
+from results.pictures import line_chart, tile  # noqa: E402
 
 METRICS = {"i2t_R@1": "held-out image->text R@1 (%)", "zs/main_shape/top1": "zero-shot main shape top-1 (%)"}
 
@@ -43,5 +40,5 @@ if __name__ == "__main__":
                                           for k in METRICS) + " |")
     panels = [line_chart(title, {run: (steps, values[k]) for run, (steps, values) in curves.items()}, (480, 320))
               for k, title in METRICS.items()]
-    to_pil_image(make_grid([pil_to_tensor(q) for q in panels], nrow=len(panels), padding=0)).save(args.out)
+    tile(panels, len(panels)).save(args.out)
     print(f"wrote {args.out}")

@@ -69,6 +69,11 @@ def line_chart(title, series, size=(360, 240)):
     return out
 
 
+def tile(pictures, per_row):
+    """PIL images of one size -> one PIL image, `per_row` of them a row, no gaps (len(pictures): a row, 1: a column)."""
+    return to_pil_image(make_grid([pil_to_tensor(p) for p in pictures], nrow=per_row, padding=0))
+
+
 def plot_curves(metrics_path):
     """metrics.jsonl -> a row of 360 x 240 panels: loss*, lr, scale, and every "val/..." key together."""
     rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
@@ -81,7 +86,7 @@ def plot_curves(metrics_path):
         series = {k: v for k, v in series.items() if v[0]}  # keys never logged (e.g. no validation): no line
         if series:
             panels.append(line_chart(title, series))
-    return to_pil_image(make_grid([pil_to_tensor(p) for p in panels], nrow=len(panels), padding=0))  # a row
+    return tile(panels, len(panels))  # a row
 
 
 def plot_heatmap(matrix, cols, cw=72, ch=28):
@@ -134,4 +139,4 @@ def plot_retrieval(dataset, img, txt, slots, n=4, top=5, cell=96):
         row = to_pil_image(make_grid(torch.stack(framed), nrow=top, padding=2, pad_value=1.0))
         query = f"[{slots[m]}] {dataset.records[i]['caption'][m]}"
         rows.append(with_header(row, [query[:row.width // 6 - 1]], 0))  # ~6 px per character
-    return to_pil_image(make_grid([pil_to_tensor(r) for r in rows], nrow=1, padding=0))  # a column
+    return tile(rows, 1)  # a column
