@@ -1,7 +1,8 @@
 """Convergence curves: the held-out image->text R@1 and the main-shape zero-shot top-1 against the step, from the
 validations a run logs with --eval-every (its metrics.jsonl) and its final evaluation (results.jsonl). One panel
 per metric, one line per run (results/pictures.py's line_chart), and a table of each metric's change over the last
-fifth.
+fifth. A run without validations (no --eval-every) or without these metrics (real data: no world labels) is
+skipped, with a line saying so.
 
     python results/curves.py runs/ablation/{o2o,o2m,m2m}*-s0 --out results/curves.png   # the world's rows
 """
@@ -18,7 +19,9 @@ METRICS = {"i2t_R@1": "held-out image->text R@1 (%)", "zs/main_shape/top1": "zer
 
 def curve(run):
     """A run folder -> (steps, {metric: values}) over its validations, the final evaluation (if any) last."""
-    lines = [json.loads(line) for line in open(run / "metrics.jsonl") if '"val/' in line]
+    lines = [r for r in map(json.loads, open(run / "metrics.jsonl")) if all(f"val/{k}" in r for k in METRICS)]
+    if not lines:
+        return None
     points = [(r["step"], {k: r[f"val/{k}"] for k in METRICS}) for r in lines]
     done = run / "results.jsonl"  # none yet: a run still training, or stopped
     final = [json.loads(line) for line in open(done) if line.strip()] if done.exists() else []
@@ -33,6 +36,11 @@ if __name__ == "__main__":
     p.add_argument("--out", default="curves.png", help="the PNG to write")
     args = p.parse_args()
     curves = {run.name: curve(run) for run in args.runs}
+    for run in [run for run, c in curves.items() if c is None]:
+        print(f"skipped {run}: no validation with {' and '.join(METRICS)} in its metrics.jsonl", file=sys.stderr)
+        del curves[run]
+    if not curves:
+        sys.exit("no run to draw")
     print("| run | " + " | ".join(f"{k}: at 4/5 of the run -> end" for k in METRICS) + " |\n|---|---|---|")
     for run, (steps, values) in curves.items():  # the validation nearest 4/5 of the run, against the last
         i = min(range(len(steps)), key=lambda j: abs(steps[j] - 0.8 * steps[-1]))

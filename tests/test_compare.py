@@ -106,16 +106,22 @@ def test_jsonl_round_trip_and_aggregations(tmp_path):
 
 def test_curves_read_validations_and_the_final_evaluation(tmp_path):
     """results/curves.py: the validations of metrics.jsonl (training lines skipped) plus the final evaluation
-    from results.jsonl; the table pairs the validation nearest 4/5 of the run with the end, and a PNG is written."""
-    run = tmp_path / "abl-s0"
-    run.mkdir()
-    lines = [{"step": 50, "loss": 3.0}] + [{"step": s, "val/i2t_R@1": s / 10, "val/zs/main_shape/top1": s / 20}
-                                           for s in (100, 200, 300, 400)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (run / "results.jsonl").write_text(json.dumps({**RESULT, "step": 500, "i2t_R@1": 45.0}) + "\n")
-    p = subprocess.run([sys.executable, "results/curves.py", str(run), "--out", str(tmp_path / "c.png")],
+    from results.jsonl; the table pairs the validation nearest 4/5 of the run with the end, and a PNG is written.
+    Runs with no validations, or validations without the world's zero-shot (real data), are skipped by name."""
+    runs = {name: tmp_path / name for name in ("abl-s0", "no-eval-every", "real-data")}
+    train = {"step": 50, "loss": 3.0}
+    validations = {"abl-s0": [{"step": s, "val/i2t_R@1": s / 10, "val/zs/main_shape/top1": s / 20}
+                              for s in (100, 200, 300, 400)],
+                   "no-eval-every": [], "real-data": [{"step": 100, "val/i2t_R@1": 1.0}]}
+    for name, run in runs.items():
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [train, *validations[name]]))
+        (run / "results.jsonl").write_text(json.dumps({**RESULT, "step": 500, "i2t_R@1": 45.0}) + "\n")
+    p = subprocess.run([sys.executable, "results/curves.py", *map(str, runs.values()), "--out", str(tmp_path / "c.png")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+    assert [line.split(":")[0] for line in p.stderr.splitlines()] == ["skipped no-eval-every", "skipped real-data"]
+    assert [line.split(" |")[0] for line in p.stdout.splitlines()[2:-1]] == ["| abl-s0"]
     row = [line for line in p.stdout.splitlines() if line.startswith("| abl-s0")][0]
     assert row == "| abl-s0 | 40.0 (step 400) -> 45.0 | 20.0 (step 400) -> 25.0 |", row  # 4/5 of 500 = 400
     assert (tmp_path / "c.png").stat().st_size > 0
