@@ -2,8 +2,8 @@
 and slot m trains image branch m). How ANY dataset is read: records, a byte-level BPE tokenizer, the image-text
 dataset and loader, and a check of a dataset on disk. How datasets are made lives in prepare/: the built-in
 synthetic world (prepare/world.py; train.py writes it on first use) and two real offline datasets, clip art and
-emoji from Debian packages (prepare/debian.py, prepare/README.md). Both write through write_splits below. At scale,
-train.py reads through prepare/ too: a jsonl's token cache (prepare/cache.py) or tar shards (prepare/shards.py).
+emoji from Debian packages (prepare/debian.py, prepare/README.md), both through prepare/world.py's write_splits.
+At scale, train.py reads through prepare/ too: a jsonl's token cache (prepare/cache.py) or tar shards (prepare/shards.py).
 
     python data.py --check data/shapes/train.jsonl --captions 6    # validate; exit 1 on bad records
     python data.py --check my.tsv --skip-bad                        # go on past bad records and count them
@@ -16,7 +16,7 @@ CSV/TSV with `filepath` and `title` columns (one record per physical line, M = 1
 world's is the official [alt, detail, nouns, background, main, style]; each real dataset documents its own, slot 0
 always the alt-text-like name.
 
-Reading order: records, tokenizer, images and loader, writing a dataset and reading it back, the command line.
+Reading order: records, tokenizer, images and loader, caption lengths, the command line.
 Letters: B images per rank, W world size, M texts per image, T text tokens, S image side in pixels, V vocabulary.
 """
 import argparse
@@ -424,15 +424,7 @@ def make_loader(dataset, batch_size, train, workers=0, pin_memory=False, seed=0,
 
 
 # -----------------------------------------------------------------------------
-# Writing a dataset and reading it back: shared by prepare/world.py and prepare/debian.py
-
-def write_splits(out, train, val, vocab_size):
-    """out/val.jsonl, out/tokenizer.json (trained on the train captions) and, last, out/train.jsonl: its presence
-    marks a complete dataset."""
-    _write_atomic(os.path.join(out, "val.jsonl"), "".join(json.dumps(r) + "\n" for r in val))
-    Tokenizer.train([c for r in train for c in r["caption"]], vocab_size).save(os.path.join(out, "tokenizer.json"))
-    _write_atomic(os.path.join(out, "train.jsonl"), "".join(json.dumps(r) + "\n" for r in train))
-
+# Caption lengths per slot: for checking a dataset here and for the read-back of prepare/ after writing one
 
 def print_lengths(records, tok, slots=()):
     """Per slot: mean / max tokens (with SOT and EOT) and how many exceed 32 (the tiny preset) and 77 tokens.
@@ -444,20 +436,6 @@ def print_lengths(records, tok, slots=()):
         # a name only when there is one for every slot; otherwise slot0, slot1, ...
         name = slots[m] if M == len(slots) else f"slot{m}"
         print(f"{name:<12}{lens.mean():>7.1f}{lens.max():>6}{(lens > 32).sum():>7}{(lens > 77).sum():>7}")
-
-
-def print_summary(out, slots):
-    """Read a written dataset back through the real loading path: the tokenizer's size, the train caption lengths
-    per slot and the first train record. slots: the names of the slots, cut to this dataset's M."""
-    train = read_records(os.path.join(out, "train.jsonl"))
-    slots = slots[:len(train[0]["caption"])]  # emoji: M = 2 without emoji-test.txt
-    tok = Tokenizer.load(os.path.join(out, "tokenizer.json"))
-    print(f"tokenizer: {tok.vocab_size} ids ({len(tok.merges)} merges); train caption lengths:")
-    print_lengths(train, tok, slots)
-    print(f"example record (train.jsonl line 1): image {os.path.relpath(train[0]['image'], out)}")
-    extra = [(key, json.dumps(value)) for key, value in train[0].items() if key not in ("image", "caption", "line")]
-    for name, text in [*zip(slots, train[0]["caption"]), *extra]:  # the texts by slot, then the other keys
-        print(f"  {name:<11} {text}")
 
 
 # -----------------------------------------------------------------------------

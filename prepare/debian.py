@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: data.py
-from data import DataError, print_summary, write_splits  # noqa: E402
+from data import DataError  # noqa: E402
+from prepare.world import print_summary, write_splits  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Shared by both datasets: the apt-get hint, the split, the square RGB image, the keyword list

@@ -17,8 +17,8 @@ images/*.png, val.jsonl, tokenizer.json and, last, train.jsonl; every record als
 the image and its per-object masks, for eval.py's dense probe) and "labels" (the zero-shot classes of eval.py).
 world.json names WORLD_VERSION and the arguments, so world_mismatch tells a world written by another version or
 with other arguments. Same seed, same bytes. The command line refuses an --out that already holds a dataset.
-Reading order: the vocabulary, a scene (sampled, drawn, masked, labelled), its six texts, writing the world, the
-command line.
+Reading order: the vocabulary, a scene (sampled, drawn, masked, labelled), its six texts, writing a dataset (also
+prepare/debian.py's), writing the world, the command line.
 Letters: S image side in pixels, M texts per image, V vocabulary.
 """
 import argparse
@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: data.py
-from data import DataError, print_summary, write_splits  # noqa: E402
+from data import DataError, Tokenizer, _write_atomic, print_lengths, read_records  # noqa: E402
 
 # Bump whenever generation changes a byte of the output (sampling, drawing, texts, tokenizer): train.py then knows
 # that an existing data/shapes is not the world this version would write (world_mismatch).
@@ -270,6 +270,31 @@ def human_captions(scene, rng, n=5):
 
 
 # -----------------------------------------------------------------------------
+# Writing a dataset and reading it back: this world's and prepare/debian.py's
+
+def write_splits(out, train, val, vocab_size):
+    """out/val.jsonl, out/tokenizer.json (trained on the train captions) and, last, out/train.jsonl: its presence
+    marks a complete dataset."""
+    _write_atomic(os.path.join(out, "val.jsonl"), "".join(json.dumps(r) + "\n" for r in val))
+    Tokenizer.train([c for r in train for c in r["caption"]], vocab_size).save(os.path.join(out, "tokenizer.json"))
+    _write_atomic(os.path.join(out, "train.jsonl"), "".join(json.dumps(r) + "\n" for r in train))
+
+
+def print_summary(out, slots):
+    """Read a written dataset back through the real loading path (data.py): the tokenizer's size, the train caption
+    lengths per slot and the first train record. slots: the names of the slots, cut to this dataset's M."""
+    train = read_records(os.path.join(out, "train.jsonl"))
+    slots = slots[:len(train[0]["caption"])]  # emoji: M = 2 without emoji-test.txt
+    tok = Tokenizer.load(os.path.join(out, "tokenizer.json"))
+    print(f"tokenizer: {tok.vocab_size} ids ({len(tok.merges)} merges); train caption lengths:")
+    print_lengths(train, tok, slots)
+    print(f"example record (train.jsonl line 1): image {os.path.relpath(train[0]['image'], out)}")
+    extra = [(key, json.dumps(value)) for key, value in train[0].items() if key not in ("image", "caption", "line")]
+    for name, text in [*zip(slots, train[0]["caption"]), *extra]:  # the texts by slot, then the other keys
+        print(f"  {name:<11} {text}")
+
+
+# -----------------------------------------------------------------------------
 # Writing the world: one sample per (seed, index), rendered by two processes
 
 def _make_sample(job):
@@ -286,8 +311,7 @@ def _make_sample(job):
 
 
 def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, vocab_size=1024, scenes=False):
-    """Write out/world.json (WORLD_VERSION and these arguments), out/images/*.png and, through data.py's
-    write_splits, the jsonl files and the tokenizer (trained on the train captions), train.jsonl last. Val images
+    """Write out/world.json (WORLD_VERSION and these arguments), out/images/*.png and, through write_splits, the jsonl files and the tokenizer (trained on the train captions), train.jsonl last. Val images
     are numbered after the train images. Overwrites what is there: the command line refuses an existing dataset."""
     # a train.jsonl left from an earlier world would mark the half-rewritten folder as complete: it goes first
     with contextlib.suppress(FileNotFoundError):
