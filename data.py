@@ -3,7 +3,8 @@ and slot m trains image branch m). How ANY dataset is read: records, a byte-leve
 dataset and loader, and a check of a dataset on disk. How datasets are made lives in prepare/: the built-in
 synthetic world (prepare/world.py; train.py writes it on first use) and two real offline datasets, clip art and
 emoji from Debian packages (prepare/debian.py, prepare/README.md), both through prepare/world.py's write_splits.
-At scale, train.py reads through prepare/ too: a jsonl's token cache (prepare/cache.py) or tar shards (prepare/shards.py).
+train.py opens its data through prepare/datasets.py: at scale, a jsonl's token cache (prepare/cache.py) or tar
+shards (prepare/shards.py).
 
     python data.py --check data/shapes/train.jsonl --captions 6    # validate; exit 1 on bad records
     python data.py --check my.tsv --skip-bad                        # go on past bad records and count them

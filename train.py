@@ -35,13 +35,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DataError, ImageTextDataset, Tokenizer, check_images, make_loader, read_records, tokenizer_path
+from data import DataError, Tokenizer, make_loader
 from eval import evaluate, print_table
 from loss import branch_diversity, m2m_loss
 from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample, read_checkpoint, write_checkpoint
-from prepare.cache import cached_records
 from prepare.clip import load_clip
-from prepare.shards import ShardDataset, expand_shards
+from prepare.datasets import open_datasets
+from prepare.shards import ShardDataset
 from prepare.world import make_world, world_mismatch
 
 # -----------------------------------------------------------------------------
@@ -240,72 +240,14 @@ else:
         fail(f"{why}: move it away (the next run writes the default world) "
              f"or train on it as it is with --train-data {train_path}")
     val_path = args.val_data or os.path.join(os.path.dirname(train_path), "val.jsonl")
-    read = dict(captions=args.captions, on_count=args.caption_count, skip_bad=args.skip_bad, sep=args.csv_separator)
-    shards = ".tar" in train_path  # webdataset-style tar shards ('dir/{00000..00099}.tar'), else a jsonl/CSV file
-    try:
-        # the tokenizer: from the checkpoint when resuming, or --tokenizer, else the data's own (beside the real
-        # file, not a link to it), else trained on the captions by rank 0 and kept beside the data, or with the
-        # run when the data's folder is read-only
-        tok_path, run_tok = tokenizer_path(train_path), os.path.join(run_dir, "tokenizer.json")
-        train_records = None  # read here only when a tokenizer must be trained on them
-        if ckpt is not None:
-            tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
-        elif args.tokenizer:
-            tokenizer = Tokenizer.load(args.tokenizer)
-        elif os.path.exists(tok_path):
-            tokenizer = Tokenizer.load(tok_path)
-        elif shards:
-            raise DataError(f"{train_path}: shards need a tokenizer: --tokenizer, or a tokenizer.json beside them")
-        else:
-            if master:
-                train_records = check_images(train_path, read_records(train_path, **read), args.skip_bad)
-                tokenizer = Tokenizer.train([c for r in train_records for c in r["caption"]], args.vocab_size)
-                try:
-                    tokenizer.save(tok_path)
-                except OSError:
-                    tok_path = run_tok
-                    tokenizer.save(tok_path)
-                print(f"trained a {args.vocab_size}-token BPE on the train captions -> {tok_path}")
-            barrier()
-            tokenizer = Tokenizer.load(tok_path if os.path.exists(tok_path) else run_tok)
-        # the train set. Shards are streamed; their bad samples stop the run when met, named by shard and member.
-        # A jsonl/CSV file: bad input stops here, before the first step, with FILE:LINE and the reason (or is skipped
-        # and counted with --skip-bad): rank 0 parses every record, opens and verifies every image and tokenises
-        # the captions into the token cache beside the data (or with the run when that folder is read-only); the
-        # other ranks, and later runs on the same data, memory-map it
-        # shards: no index; each loader process streams whole shards, and the epoch length comes from sizes.json
-        if shards:
-            train_set = ShardDataset(expand_shards(train_path), tokenizer, arch["image_size"], args.batch_size,
-                                     args.captions, arch["context_length"], args.seed, rank, world, args.workers,
-                                     args.caption_count, args.skip_bad)
-        else:
-            # the cache lives beside the data, keyed by its bytes, so every later run (and every rank) finds it
-            writable = os.access(os.path.dirname(os.path.realpath(train_path)), os.W_OK)
-            cache = dict(cache=None if writable else os.path.join(run_dir, "train.cache"),
-                         context_length=arch["context_length"], **read)
-            if master:
-                cached_records(train_path, tokenizer, records=train_records, **cache)
-            barrier()
-            train_set = ImageTextDataset(cached_records(train_path, tokenizer, build=False, **cache), tokenizer,
-                                         arch["image_size"], train=True, seed=args.seed)
-        M = train_set.M
-        # the val split must have the train set's M
-        if args.val_data == "none":
-            val_records = None
-        elif os.path.exists(val_path):
-            val_records = check_images(val_path, read_records(val_path, **{**read, "captions": M}), args.skip_bad)
-        elif args.val_data is None:
-            val_records = None  # no val.jsonl beside the train data
-        else:
-            raise DataError(f"{val_path}: --val-data not found (give --val-data none to train without one)")
+    try:  # the tokenizer (a resumed run's own), the train set and the val split (prepare/datasets.py)
+        tokenizer, train_set, val_set = open_datasets(
+            args, train_path, val_path, arch["image_size"], arch["context_length"], run_dir, rank, world, barrier,
+            tokenizer=Tokenizer.from_dict(ckpt["tokenizer"]) if ckpt is not None else None)
     except DataError as e:
         fail(e)
-    vocab = tokenizer.vocab_size
-    val_set = ImageTextDataset(val_records, tokenizer, arch["image_size"], context_length=arch["context_length"],
-                               seed=args.seed) if val_records else None
-    truncated = tokenizer.truncated + (0 if shards else train_set.records.truncated)
-    if master and truncated:
-        print(f"note: {truncated} captions were truncated to {arch['context_length']} tokens")
+    M, vocab = train_set.M, tokenizer.vocab_size
+    shards = isinstance(train_set, ShardDataset)  # webdataset-style tar shards, streamed (prepare/shards.py)
     steps_per_epoch = (train_set.batches * train_set.workers if shards else
                        len(train_set) // (args.batch_size * world))  # drop_last: full global batches only
     if steps_per_epoch == 0:

@@ -1,0 +1,81 @@
+"""prepare/datasets.py: the datasets a training run opens, at any scale. train.py calls open_datasets once, on every
+rank, after its flags are read: which tokenizer (the checkpoint's, --tokenizer, the data's own, or one trained on
+the train captions), which train set (a jsonl/CSV file through its token cache, prepare/cache.py, or tar shards,
+prepare/shards.py) and the val split. Rank 0 writes what is missing (a tokenizer, a token cache) while the others
+wait at the barrier, then every rank opens the same files.
+
+    python train.py --train-data d/train.jsonl --val-data d/val.jsonl       # a file: checked, cached, memory-mapped
+    python train.py --train-data 'd/{00000..00019}.tar' --tokenizer d/tokenizer.json    # shards: streamed
+    python -m pytest -q tests/test_train.py tests/test_scale.py
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from data import DataError, ImageTextDataset, Tokenizer, check_images, read_records, tokenizer_path  # noqa: E402
+from prepare.cache import cached_records  # noqa: E402
+from prepare.shards import ShardDataset, expand_shards  # noqa: E402
+
+
+def open_datasets(args, train_path, val_path, image_size, context_length, run_dir, rank, world, barrier,
+                  tokenizer=None):
+    """-> (tokenizer, train set, val set or None). args: train.py's flags (the read options, --tokenizer,
+    --vocab-size, --val-data, --batch-size, --seed, --workers); tokenizer: a resumed run's own. Bad input is a
+    DataError naming FILE:LINE (or the shard and member), raised before the first step."""
+    master = rank == 0
+    read = dict(captions=args.captions, on_count=args.caption_count, skip_bad=args.skip_bad, sep=args.csv_separator)
+    shards = ".tar" in train_path  # webdataset-style tar shards ('dir/{00000..00099}.tar'), else a jsonl/CSV file
+    # the tokenizer: the data's own lives beside the real file (not a link to it); one trained here by rank 0 is
+    # kept there too, or with the run when the data's folder is read-only
+    tok_path, run_tok = tokenizer_path(train_path), os.path.join(run_dir, "tokenizer.json")
+    train_records = None  # read here only when a tokenizer must be trained on them
+    if tokenizer is None and args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+    elif tokenizer is None and os.path.exists(tok_path):
+        tokenizer = Tokenizer.load(tok_path)
+    elif tokenizer is None and shards:
+        raise DataError(f"{train_path}: shards need a tokenizer: --tokenizer, or a tokenizer.json beside them")
+    elif tokenizer is None:
+        if master:
+            train_records = check_images(train_path, read_records(train_path, **read), args.skip_bad)
+            tokenizer = Tokenizer.train([c for r in train_records for c in r["caption"]], args.vocab_size)
+            try:
+                tokenizer.save(tok_path)
+            except OSError:
+                tok_path = run_tok
+                tokenizer.save(tok_path)
+            print(f"trained a {args.vocab_size}-token BPE on the train captions -> {tok_path}")
+        barrier()
+        tokenizer = Tokenizer.load(tok_path if os.path.exists(tok_path) else run_tok)
+    # the train set. Shards are streamed (no index; each loader process reads whole shards, and the epoch length
+    # comes from sizes.json); their bad samples stop the run when met, named by shard and member. A jsonl/CSV file:
+    # bad input stops here, before the first step, with FILE:LINE and the reason (or is skipped and counted with
+    # --skip-bad): rank 0 parses every record, opens and verifies every image and tokenises the captions into the
+    # token cache beside the data (keyed by its bytes, so every later run finds it), or with the run when that
+    # folder is read-only; the other ranks, and later runs on the same data, memory-map it
+    if shards:
+        train_set = ShardDataset(expand_shards(train_path), tokenizer, image_size, args.batch_size, args.captions,
+                                 context_length, args.seed, rank, world, args.workers, args.caption_count,
+                                 args.skip_bad)
+    else:
+        writable = os.access(os.path.dirname(os.path.realpath(train_path)), os.W_OK)
+        cache = dict(cache=None if writable else os.path.join(run_dir, "train.cache"),
+                     context_length=context_length, **read)
+        if master:
+            cached_records(train_path, tokenizer, records=train_records, **cache)
+        barrier()
+        train_set = ImageTextDataset(cached_records(train_path, tokenizer, build=False, **cache), tokenizer,
+                                     image_size, train=True, seed=args.seed)
+    # the val split must have the train set's M
+    val_records = None  # --val-data none, or no val.jsonl beside the train data
+    if args.val_data != "none" and os.path.exists(val_path):
+        val_records = check_images(val_path, read_records(val_path, **{**read, "captions": train_set.M}),
+                                   args.skip_bad)
+    elif args.val_data not in (None, "none"):
+        raise DataError(f"{val_path}: --val-data not found (give --val-data none to train without one)")
+    val_set = ImageTextDataset(val_records, tokenizer, image_size, context_length=context_length,
+                               seed=args.seed) if val_records else None
+    truncated = tokenizer.truncated + (0 if shards else train_set.records.truncated)
+    if master and truncated:
+        print(f"note: {truncated} captions were truncated to {context_length} tokens")
+    return tokenizer, train_set, val_set
