@@ -208,27 +208,39 @@ def topk_accuracy(scores, labels, ks=(1, 5)):
 
 def read_labelled(folder=None, jsonl=None, classnames=None):
     """An image folder per class, or a jsonl of {"image", "label": name or index} -> (paths, labels, names).
-    Folder classes come in sorted order, named by `classnames` if given; a jsonl needs `classnames`."""
+    Folder classes come in sorted order, named by `classnames` if given; a jsonl needs `classnames`. A set that
+    cannot be scored (no folder, names that do not fit, a label that is no class) is a DataError naming the file."""
     if folder:
+        if not Path(folder).is_dir():
+            raise data.DataError(f"{folder}: not a folder")
         dirs = sorted(p for p in Path(folder).iterdir() if p.is_dir())
         names = classnames or [d.name.replace("_", " ") for d in dirs]
-        assert len(names) == len(dirs), f"{folder}: {len(dirs)} class folders but {len(names)} class names"
+        if not dirs or len(names) != len(dirs):
+            raise data.DataError(f"{folder}: {len(dirs)} class folders but {len(names)} class names")
         items = [(str(f), c) for c, d in enumerate(dirs) for f in sorted(d.iterdir()) if f.is_file()]
         return [p for p, _ in items], torch.tensor([c for _, c in items]), names
     paths, labels = [], []
-    for line_no, line in enumerate(open(jsonl, encoding="utf-8"), 1):
+    for line_no, line in enumerate(read_lines(jsonl, strip=False), 1):
         if line.strip():
             try:
                 r = json.loads(line)
-                labels.append(r["label"] if isinstance(r["label"], int) else classnames.index(r["label"]))
+                label = r["label"] if type(r["label"]) is int else classnames.index(r["label"])
+                if not 0 <= label < len(classnames):
+                    raise ValueError(f"label {label} is not one of the {len(classnames)} classes")
+                labels.append(label)
                 paths.append(str(Path(jsonl).parent / r["image"]))
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, TypeError) as e:
                 raise data.DataError(f"{jsonl}:{line_no}: bad record ({e!r})") from None
     return paths, torch.tensor(labels), classnames
 
 
-def read_lines(path):
-    return [s.strip() for s in open(path, encoding="utf-8") if s.strip()]
+def read_lines(path, strip=True):
+    """A text file's lines (stripped, blank ones dropped); a file that cannot be read is a DataError."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise data.DataError(f"{path}: cannot read ({e})") from None
+    return [s.strip() for s in lines if s.strip()] if strip else lines
 
 
 def load_batch(transform, paths):
@@ -438,6 +450,11 @@ def main():
         paths, labels, names = read_labelled(args.zeroshot_folder, args.zeroshot_jsonl,
                                              read_lines(args.classnames) if args.classnames else None)
         templates = read_lines(args.templates) if args.templates else ["a photo of a {}."]
+        if not templates or (bad := [t for t in templates if "{}" not in t]):  # each class its own prompt
+            raise data.DataError(f"{args.templates}: " + (f"{bad[0]!r} has no {{}} for the class name" if templates
+                                                          else "no templates"))
+        if bad := next(filter(None, map(partial(data.load_image, verify=True), paths)), None):
+            raise data.DataError(bad)  # "IMAGE: cannot read image (why)", before the long part too
     # measure
     img, txt = embed_split(model, dataset, args.batch_size, args.device, args.workers)  # (n, K, E), (n, M, E)
     results = evaluate(model, dataset, args.device, args.batch_size, args.workers, (img, txt), tok,

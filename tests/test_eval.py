@@ -413,6 +413,36 @@ def test_cli_bad_records_stop_up_front(world, tmp_path, monkeypatch):
     assert not (tmp_path / "results.jsonl").exists()
 
 
+def test_cli_bad_user_zero_shot_sets_stop_up_front(world, tmp_path, monkeypatch):
+    """A user zero-shot set that cannot be scored is a DataError naming the file before any embedding (these were
+    tracebacks, one after the long part); a template without {} gave every class the same prompt, silently."""
+    tiny_checkpoint(world, tmp_path / "ckpt.pt")
+    image = str(world / data.read_records(str(world / "val.jsonl"))[0]["image"])
+    for name in ("a", "b"):
+        (tmp_path / "set" / name).mkdir(parents=True)
+        os.symlink(image, tmp_path / "set" / name / "1.png")
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    (tmp_path / "label7.jsonl").write_text(json.dumps({"image": image, "label": 7}) + "\n")
+    (tmp_path / "plain.txt").write_text("a photo of {}\na photo\n")
+    cases = {("--zeroshot-folder", tmp_path / "none"): f"{tmp_path / 'none'}: not a folder",
+             ("--zeroshot-folder", tmp_path / "set", "--classnames", tmp_path / "three.txt"):
+                 f"{tmp_path / 'set'}: 2 class folders but 3 class names",
+             ("--zeroshot-jsonl", tmp_path / "label7.jsonl", "--classnames", tmp_path / "no.txt"):
+                 f"{tmp_path / 'no.txt'}: cannot read (",
+             ("--zeroshot-jsonl", tmp_path / "label7.jsonl", "--classnames", tmp_path / "three.txt"):
+                 f"{tmp_path / 'label7.jsonl'}:1: bad record (ValueError('label 7 is not one of the 3 classes'))",
+             ("--zeroshot-folder", tmp_path / "set", "--templates", tmp_path / "plain.txt"):
+                 f"{tmp_path / 'plain.txt'}: 'a photo' has no {{}} for the class name"}
+    for flags, message in cases.items():
+        msg = refused(monkeypatch, "--ckpt", tmp_path / "ckpt.pt", "--data", world / "val.jsonl", *flags)
+        assert msg.startswith(message), (flags, msg)
+    (tmp_path / "set" / "b" / "2.png").write_text("not an image")
+    msg = refused(monkeypatch, "--ckpt", tmp_path / "ckpt.pt", "--data", world / "val.jsonl",
+                  "--zeroshot-folder", tmp_path / "set")
+    assert msg.startswith(f"{tmp_path / 'set' / 'b' / '2.png'}: cannot read image ("), msg
+    assert not (tmp_path / "results.jsonl").exists()
+
+
 def test_cli_fifo_image_does_not_hang(world, tmp_path):
     """A FIFO opened for reading waits for a writer forever: it must be refused, not read."""
     tiny_checkpoint(world, tmp_path / "ckpt.pt")
