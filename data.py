@@ -86,7 +86,11 @@ def _parse_records(path, sep=None):
     # relative image paths start in the data's own folder: for a symlinked file, that of the file it points to
     folder, header = os.path.dirname(os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)), None
     # line numbers are physical lines from 1, blank lines included, so FILE:LINE opens at the right place
-    with open(path, "rb") as f:  # bytes: a non-UTF-8 line is an error of that line, not of the whole file
+    try:
+        f = open(path, "rb")  # bytes: a non-UTF-8 line is an error of that line, not of the whole file
+    except OSError as e:  # missing, a folder, unreadable
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
         for line, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8").removeprefix("\ufeff").rstrip("\r\n")  # a byte-order mark is fine
@@ -345,6 +349,8 @@ class Tokenizer:
                 return cls.from_dict(json.load(f))
         except ValueError as e:  # from_dict's DataError, or not JSON, or not UTF-8 (UnicodeDecodeError)
             why = e if isinstance(e, DataError) else f"not a tokenizer: not JSON ({e})"
+        except OSError as e:  # missing, a folder, unreadable
+            why = f"cannot read ({e.strerror})"
         raise DataError(f"{path}: {why}")
 
     @classmethod

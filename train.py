@@ -103,7 +103,6 @@ add("--save-every", type=int, default=200, help="steps between checkpoints")
 add("--peak-tflops", type=float, help="device peak for MFU; none given: from the device's name")
 add("--synthetic-tensors", action="store_true", help="random batches made on the device: throughput without loading")
 add("--texts", type=int, help="M for --synthetic-tensors; none given: K")
-add("--fault-nan-step", type=int, help=argparse.SUPPRESS)  # tests: force a NaN loss at this step
 args = p.parse_args()
 
 
@@ -458,8 +457,6 @@ while step < max_steps and stopped is None:
                                tokens=tokens if args.multi_positive else None)
         diversity = branch_diversity(img) if (K > 1 and args.branch_diversity) else torch.zeros((), device=device)
         loss = contrastive + diversity
-        if args.fault_nan_step == step + 1:
-            loss = loss * float("nan")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         n = step + 1  # this step's number once done

@@ -40,8 +40,11 @@ def _digest(f, start=0):
 def cache_key(path, tokenizer, context_length, read):
     """What a cache must have been built from: the data file's bytes and folder (image paths are absolute),
     read_records' options, the tokenizer and T."""
-    with open(path, "rb") as f:
-        data = _digest(f)
+    try:
+        with open(path, "rb") as f:
+            data = _digest(f)
+    except OSError as e:  # missing, a folder, unreadable: as read_records says it
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     vocab = hashlib.blake2b(json.dumps(tokenizer.to_dict()).encode(), digest_size=16).hexdigest()
     return {"version": 1, "data": data, "folder": os.path.dirname(os.path.realpath(path)), "read": read,
             "tokenizer": vocab, "T": context_length}

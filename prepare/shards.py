@@ -52,7 +52,10 @@ def key_and_extension(name):
 
 
 def shard_sizes(shards):
-    """Samples per shard: from sizes.json beside them, else by reading every shard's member names once."""
+    """Samples per shard: from sizes.json beside them, else by reading every shard's member names once. Every
+    shard must be there, so a wrong pattern stops before the first step."""
+    if missing := [s for s in shards if not os.path.isfile(s)]:
+        raise DataError(f"{missing[0]}: no such shard ({len(missing)} of the {len(shards)} shards are missing)")
     sizes = os.path.join(os.path.dirname(shards[0]), "sizes.json")
     known = json.load(open(sizes)) if os.path.exists(sizes) else {}
     return [known.get(os.path.basename(s)) or

@@ -6,12 +6,12 @@ or train.py's final evaluation). The tables in results/ablation.md and README.md
     python results/compare.py results/ablation.jsonl --claims                   # the claims table, from that file
 
 An input is a run folder, its results.jsonl, or a file of many runs' lines (each with a "run" key, as --jsonl
-writes). Runs named alike but for a final "-s<seed>" are one row: the mean ± standard deviation over their
-seeds, with the number of seeds in the "seeds" column. An evaluation with another branch aggregation (eval.py
---aggregate) is a row of its own, "name [aggregate]". A run without results yet (still training: no
-results.jsonl, or an empty one) is left out with a note on stderr. Columns: held-out retrieval R@1 both ways, the
-best single branch (image->text R@1 on the training texts, read alone), zero-shot top-1 per label kind, dense
-mIoU (all in %), the mean inter-branch cosine.
+writes). Runs named alike but for a final "-s<seed>" are one row: the mean ± standard deviation over their seeds,
+with the number of seeds in the "seeds" column. An evaluation with another branch aggregation (eval.py --aggregate)
+is a row of its own, "name [aggregate]". A run without results yet (still training: no results.jsonl, or an empty
+one) is left out with a note on stderr; an input that does not exist stops it. Columns: held-out retrieval R@1 both
+ways, the best single branch (image->text R@1 on the training texts, read alone), zero-shot top-1 per label kind,
+dense mIoU (all in %), the mean inter-branch cosine.
 """
 import argparse
 import json
@@ -26,6 +26,8 @@ def load(inputs):
     """Run folders and jsonl files -> {row name: [each seed's latest evaluation]}, rows in the order first met."""
     latest = {}  # (run, aggregate) -> its newest line
     for given in inputs:
+        if not Path(given).exists():  # a typo, not a run still training: stop rather than print a shorter table
+            sys.exit(f"error: {given}: no such run folder or file")
         path = Path(given) / "results.jsonl" if Path(given).is_dir() else Path(given)
         lines = [json.loads(line) for line in open(path) if line.strip()] if path.exists() else []
         if not lines:  # a run just started has no file, or an empty one

@@ -35,6 +35,8 @@ if __name__ == "__main__":
     p.add_argument("runs", nargs="+", type=Path, help="run folders trained with --eval-every")
     p.add_argument("--out", default="curves.png", help="the PNG to write")
     args = p.parse_args()
+    if missing := [run for run in args.runs if not (run / "metrics.jsonl").exists()]:
+        sys.exit(f"error: {missing[0]}: not a run folder (no metrics.jsonl)")
     curves = {run.name: curve(run) for run in args.runs}
     for run in [run for run, c in curves.items() if c is None]:
         print(f"skipped {run}: no validation with {' and '.join(METRICS)} in its metrics.jsonl", file=sys.stderr)

@@ -34,7 +34,8 @@ def test_seeds_are_one_row(tmp_path):
         (tmp_path / "runs" / f"abl-s{seed}").mkdir()
         (tmp_path / "runs" / f"abl-s{seed}" / "results.jsonl").write_text(
             json.dumps({**RESULT, "i2t_R@1": value}) + "\n")
-    runs = [str(run), *(str(tmp_path / "runs" / n) for n in ("abl-s1", "abl-s2", "missing-s0"))]
+    (tmp_path / "runs" / "started-s0").mkdir()  # a run just started: its folder, no results.jsonl yet
+    runs = [str(run), *(str(tmp_path / "runs" / n) for n in ("abl-s1", "abl-s2", "started-s0"))]
     out = StringIO()
     compare.table(compare.load(runs), file=out)
     lines = out.getvalue().splitlines()
@@ -42,10 +43,10 @@ def test_seeds_are_one_row(tmp_path):
     assert header[:5] == ["run", "seeds", "i2t", "t2i", "best branch i2t"] and len(first) == len(header)
     assert first[:3] == [run.name, "1", f"{RESULT['i2t_R@1']:.1f}"]  # the latest line of the run's file
     assert second[:3] == ["abl", "2", f"42.0 ± {statistics.stdev([40.0, 44.0]):.1f}"]
-    # the command line: the same table on stdout, the missing run named on stderr
+    # the command line: the same table on stdout, the run without results named on stderr
     p = subprocess.run([sys.executable, "results/compare.py", *runs], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
-    assert p.returncode == 0 and p.stdout == out.getvalue() and "missing-s0" in p.stderr, p.stderr
+    assert p.returncode == 0 and p.stdout == out.getvalue() and "started-s0" in p.stderr, p.stderr
 
 
 def test_empty_results_are_left_out(tmp_path):
@@ -125,3 +126,12 @@ def test_curves_read_validations_and_the_final_evaluation(tmp_path):
     row = [line for line in p.stdout.splitlines() if line.startswith("| abl-s0")][0]
     assert row == "| abl-s0 | 40.0 (step 400) -> 45.0 | 20.0 (step 400) -> 25.0 |", row  # 4/5 of 500 = 400
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_missing_input_stops_both_scripts(tmp_path):
+    """A run folder that does not exist is a typo, not a run still training: each script stops, named, instead of
+    printing a shorter table (compare.py) or a traceback (curves.py)."""
+    for script, message in [("compare.py", "no such run folder or file"), ("curves.py", "not a run folder")]:
+        p = subprocess.run([sys.executable, f"results/{script}", str(tmp_path / "typo-s0")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and p.stderr.startswith(f"error: {tmp_path / 'typo-s0'}: {message}"), p.stderr

@@ -117,6 +117,16 @@ def test_empty_inputs(tmp_path, name, lines, kwargs, message):
         read_records(path, **kwargs)
 
 
+def test_a_file_that_cannot_be_read_is_named(tmp_path):
+    """A missing file or a folder given as records or as a tokenizer: a DataError naming it (were tracebacks)."""
+    for path in (tmp_path / "missing.jsonl", tmp_path):
+        why = "No such file or directory" if path != tmp_path else "Is a directory"
+        with pytest.raises(DataError, match=f"^{path}: cannot read \\({why}\\)$"):
+            read_records(path)
+        with pytest.raises(DataError, match=f"^{path}: cannot read \\({why}\\)$"):
+            Tokenizer.load(path)
+
+
 def test_csv_and_tsv(tmp_path):
     tsv = write(tmp_path / "r.tsv", ["filepath\ttitle\tsource", "x.png\ta cat, sitting\tweb", "y.png\t\tweb"])
     with pytest.raises(DataError, match=f"^{tsv}:3: empty caption"):

@@ -19,6 +19,8 @@ import time
 import pytest
 import torch
 
+import loss
+from loss import m2m_loss
 from prepare.world import SLOTS, make_world
 
 M = len(SLOTS)  # texts per image in the world: K = M by default
@@ -131,11 +133,15 @@ def test_sigterm_saves_a_checkpoint_that_resumes(world, tmp_path):
     assert torch.load(tmp_path / "term" / "ckpt.pt", weights_only=True)["step"] == stopped_at + 2
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world, tmp_path):
-    r = train(world, tmp_path, "--name", "nan", "--max-steps", "20", "--save-every", "2",
-              "--fault-nan-step", "5", check=False)
-    assert r.returncode == 1
-    assert "non-finite loss" in r.stderr and "at step 5" in r.stderr
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(world, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def nan_at_step_5(*a, **kw):  # the loss of step 5 (its 5th call) is NaN
+        calls.append(1)
+        return m2m_loss(*a, **kw) * (float("nan") if len(calls) == 5 else 1.0)
+    monkeypatch.setattr(loss, "m2m_loss", nan_at_step_5)  # train.py imports it from loss.py when it starts
+    assert train_here(monkeypatch, world, tmp_path, "--name", "nan", "--max-steps", "20", "--save-every", "2") == "1"
+    assert "non-finite loss at step 5" in capsys.readouterr().err
     ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -265,8 +271,8 @@ def test_default_world_of_other_arguments_is_not_reused(tmp_path, monkeypatch):
 
 
 def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, capsys):
-    """A missing image (named with FILE:LINE before any step), an empty val file, a symlinked jsonl (its data's
-    own tokenizer is used, none is trained beside the link)."""
+    """A missing image (named with FILE:LINE before any step), an empty val file, a missing train file, tokenizer
+    or shards, a symlinked jsonl (its data's own tokenizer is used, none is trained beside the link)."""
     records = [line.replace('"images/', f'"{world}/images/') for line in open(world / "train.jsonl")]
     broken = tmp_path / "broken.jsonl"
     broken.write_text("".join(records[:3] + [records[3].replace("/images/", "/missing/")] + records[4:]))
@@ -277,6 +283,12 @@ def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, 
     (tmp_path / "empty.jsonl").write_text("")
     message = train_here(monkeypatch, world, tmp_path / "runs", "--name", "val", "--val-data", str(tmp_path / "empty.jsonl"))
     assert "empty.jsonl: no records" in message
+    for flags, named in [(["--train-data", str(tmp_path / "none.jsonl")], f"{tmp_path / 'none.jsonl'}: cannot read"),
+                         (["--tokenizer", str(tmp_path / "none.json")], f"{tmp_path / 'none.json'}: cannot read"),
+                         (["--train-data", str(tmp_path / "{0..1}.tar"), "--tokenizer", str(world / "tokenizer.json")],
+                          f"{tmp_path / '0.tar'}: no such shard (2 of the 2 shards are missing)")]:
+        message = train_here(monkeypatch, world, tmp_path / "runs", "--name", "none", *flags)  # were tracebacks
+        assert message == f"error: {named}" + (" (No such file or directory)" if "cannot" in named else ""), message
     (tmp_path / "link").mkdir()
     (tmp_path / "link" / "train.jsonl").symlink_to(world / "train.jsonl")
     assert train_here(monkeypatch, world, tmp_path / "runs", "--name", "link", "--max-steps", "1", "--val-data", "none",
