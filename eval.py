@@ -441,6 +441,11 @@ def main():
     check_flags(args)
     # the model and tokenizer from the checkpoint alone; the records and every image checked before the long part
     ckpt, model, tok = load_checkpoint(args.ckpt, args.device)
+    out = Path(args.out or Path(args.ckpt).parent)  # made now: a folder that cannot be must not cost the measuring
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise data.DataError(f"{out}: cannot make the output folder ({e.strerror})") from None
     records = data.check_images(args.data, data.read_records(args.data), workers=args.workers)
     dataset = data.ImageTextDataset(records, tok, model.config.image_size, context_length=model.config.context_length)
     print(f"{args.ckpt}: step {ckpt.get('step')} | K {model.config.branches} | {len(dataset)} images | "
@@ -466,8 +471,6 @@ def main():
     print_table(results)
 
     # record: one JSON line per evaluation (its key "N" is the split's n images), then the pictures
-    out = Path(args.out or Path(args.ckpt).parent)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"ckpt": str(args.ckpt), "data": str(args.data), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
             "K": img.shape[1], "M": txt.shape[1], "N": len(img), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(out / "results.jsonl", "a") as f:

@@ -199,8 +199,11 @@ if master:
     if files and not continuing:
         fail(f"{run_dir} already holds a run ({', '.join(files[:4])}): continue it with --name {name} --resume "
              f"latest, or remove it, or choose another --name")
-    os.makedirs(run_dir, exist_ok=True)
-    lock = open(os.path.join(run_dir, "lock"), "w")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, "lock"), "w")
+    except OSError as e:  # --logs-dir a file, say
+        fail(f"{run_dir}: cannot make the run folder ({e.strerror})")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS when the process ends, even on kill -9
     except BlockingIOError:

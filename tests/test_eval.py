@@ -401,7 +401,8 @@ def copy_records(world, path, change):
 
 
 def test_cli_bad_records_stop_up_front(world, tmp_path, monkeypatch):
-    """A record whose image cannot be read, and mixed caption counts: FILE:LINE before any embedding."""
+    """A record whose image cannot be read, and mixed caption counts: FILE:LINE before any embedding; an --out
+    that is a file."""
     tiny_checkpoint(world, tmp_path / "ckpt.pt")
     (tmp_path / "text.png").write_text("not an image")
     bad = copy_records(world, tmp_path / "bad_image.jsonl", lambda r: r.update(image=str(tmp_path / "text.png")))
@@ -410,6 +411,9 @@ def test_cli_bad_records_stop_up_front(world, tmp_path, monkeypatch):
     mixed = copy_records(world, tmp_path / "mixed.jsonl", lambda r: r.update(caption=r["caption"][:2]))
     msg = refused(monkeypatch, "--ckpt", tmp_path / "ckpt.pt", "--data", mixed)
     assert msg.startswith(f"{mixed}:3: "), msg
+    # an --out that cannot be a folder: said before the measuring (it failed after, and the numbers were lost)
+    msg = refused(monkeypatch, "--ckpt", tmp_path / "ckpt.pt", "--data", world / "val.jsonl", "--out", bad)
+    assert msg == f"{bad}: cannot make the output folder (File exists)", msg
     assert not (tmp_path / "results.jsonl").exists()
 
 

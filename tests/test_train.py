@@ -272,7 +272,7 @@ def test_default_world_of_other_arguments_is_not_reused(tmp_path, monkeypatch):
 
 def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, capsys):
     """A missing image (named with FILE:LINE before any step), an empty val file, a missing train file, tokenizer
-    or shards, a symlinked jsonl (its data's own tokenizer is used, none is trained beside the link)."""
+    or shards, a --logs-dir that is a file, a symlinked jsonl (its data's own tokenizer is used, none is trained beside the link)."""
     records = [line.replace('"images/', f'"{world}/images/') for line in open(world / "train.jsonl")]
     broken = tmp_path / "broken.jsonl"
     broken.write_text("".join(records[:3] + [records[3].replace("/images/", "/missing/")] + records[4:]))
@@ -289,6 +289,8 @@ def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, 
                           f"{tmp_path / '0.tar'}: no such shard (2 of the 2 shards are missing)")]:
         message = train_here(monkeypatch, world, tmp_path / "runs", "--name", "none", *flags)  # were tracebacks
         assert message == f"error: {named}" + (" (No such file or directory)" if "cannot" in named else ""), message
+    message = train_here(monkeypatch, world, tmp_path / "empty.jsonl", "--name", "file")  # --logs-dir a file
+    assert message == f"error: {tmp_path / 'empty.jsonl' / 'file'}: cannot make the run folder (Not a directory)"
     (tmp_path / "link").mkdir()
     (tmp_path / "link" / "train.jsonl").symlink_to(world / "train.jsonl")
     assert train_here(monkeypatch, world, tmp_path / "runs", "--name", "link", "--max-steps", "1", "--val-data", "none",
