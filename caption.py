@@ -218,8 +218,7 @@ def vision_config(preset_name, vision_layers, vocab_size, conv_stem=True):
 def prompts_loss(net, images, tokens, columns):
     """The teacher-forced loss of one batch, the mean over the prompts: images (B, 3, S, S), tokens (B, M, T),
     prompt j's texts at caption slot columns[j]. The image is encoded once for all prompts."""
-    memory = net.encode(images)  # the image's keys and values
-    loss = 0
+    memory, loss = net.encode(images), 0  # the image's keys and values, once; the loss summed over the prompts
     for j, column in enumerate(columns):
         t = tokens[:, column]                # (B, T), this prompt's texts
         t = t[:, :(t != PAD).sum(1).max()]   # drop the all-PAD tail
@@ -386,8 +385,7 @@ def generate(args):
     """Write M texts per image of --data into --out: slot 0 the input's first caption, then one text per
     --ckpt and --prompt. Resumable, one part per rank under torchrun (see the module docstring)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's env
-    if args.device == "cuda":  # one GPU per rank on a node
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else args.device  # a GPU per rank
     torch.manual_seed(args.seed + rank)  # the ranks sample differently
     # the captioners, each with the image transform of its own tower
     prompts = args.prompts.split(",")
@@ -441,7 +439,9 @@ def check_flags(args):
                          args.max_minutes is not None and not args.max_minutes > 0,
                      f"--cooldown {args.cooldown}: must be a fraction of the run in (0, 1]": not 0 < args.cooldown <= 1,
                      f"--prompts {args.prompts}: each must be in PROMPTS {list(PROMPTS)} and in --slots {args.slots}":
-                         any(p not in PROMPTS or p not in args.slots.split(",") for p in args.prompts.split(","))}
+                         any(p not in PROMPTS or p not in args.slots.split(",") for p in args.prompts.split(",")),
+                     f"--out {args.out}: already holds a captioner.pt, or is a file: choose another --out":
+                         os.path.exists(os.path.join(args.out, "captioner.pt")) or os.path.isfile(args.out)}
     else:  # generate appends to --out: --data itself (any spelling of its path) would lose its ground truth
         problems["--out is --data: choose another --out"] = os.path.realpath(args.out) == os.path.realpath(args.data)
         problems[f"--top-p {args.top_p}: must be in (0, 1]"] = not 0 < args.top_p <= 1

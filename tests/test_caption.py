@@ -193,9 +193,15 @@ def test_train_flag_layer(tmp_path, flags, named):
 
 
 def test_train_short_runs_work(toy, tmp_path):
-    """1..9 steps: the warm-up (a tenth of the run) is at least one step, not a division by zero."""
+    """1..9 steps: the warm-up (a tenth of the run) is at least one step, not a division by zero. The same command
+    again is refused before any step and the captioner is kept (a second run wrote over it); so is a file as --out."""
     train_micro(toy, tmp_path / "cap", "--max-steps", "5")
+    kept = (tmp_path / "cap" / "captioner.pt").read_bytes()
     assert torch.load(tmp_path / "cap" / "captioner.pt", weights_only=True)["step"] == 5
+    for out in (tmp_path / "cap", toy / "cap.jsonl"):
+        msg = refused("train", "--data", toy / "cap.jsonl", "--out", out, "--max-steps", "1")
+        assert msg.startswith(f"error: --out {out}: already holds a captioner.pt, or is a file"), msg
+    assert (tmp_path / "cap" / "captioner.pt").read_bytes() == kept
 
 
 def test_train_batch_larger_than_data(toy, tmp_path):
