@@ -311,8 +311,9 @@ def _make_sample(job):
 
 
 def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, vocab_size=1024, scenes=False):
-    """Write out/world.json (WORLD_VERSION and these arguments), out/images/*.png and, through write_splits, the jsonl files and the tokenizer (trained on the train captions), train.jsonl last. Val images
-    are numbered after the train images. Overwrites what is there: the command line refuses an existing dataset."""
+    """Write out/world.json (WORLD_VERSION and these arguments), out/images/*.png and, through write_splits, the
+    jsonl files and the tokenizer (trained on the train captions), train.jsonl last. Val images are numbered after
+    the train images. Overwrites what is there: the command line refuses an existing dataset."""
     # a train.jsonl left from an earlier world would mark the half-rewritten folder as complete: it goes first
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, "train.jsonl"))
@@ -385,6 +386,8 @@ def main():
         print_summary(args.out, SLOTS)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # an --out under a file, a full disk
+        sys.exit(f"error: {args.out}: cannot write the world ({e.strerror})")
 
 
 if __name__ == "__main__":

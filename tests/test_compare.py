@@ -118,8 +118,8 @@ def test_curves_read_validations_and_the_final_evaluation(tmp_path):
         run.mkdir()
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [train, *validations[name]]))
         (run / "results.jsonl").write_text(json.dumps({**RESULT, "step": 500, "i2t_R@1": 45.0}) + "\n")
-    p = subprocess.run([sys.executable, "results/curves.py", *map(str, runs.values()), "--out", str(tmp_path / "c.png")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "results/curves.py", *map(str, runs.values()), "--out",
+                        str(tmp_path / "c.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert [line.split(":")[0] for line in p.stderr.splitlines()] == ["skipped no-eval-every", "skipped real-data"]
     assert [line.split(" |")[0] for line in p.stdout.splitlines()[2:-1]] == ["| abl-s0"]

@@ -272,7 +272,8 @@ def test_default_world_of_other_arguments_is_not_reused(tmp_path, monkeypatch):
 
 def test_data_problems_stop_before_the_first_step(world, tmp_path, monkeypatch, capsys):
     """A missing image (named with FILE:LINE before any step), an empty val file, a missing train file, tokenizer
-    or shards, a --logs-dir that is a file, a symlinked jsonl (its data's own tokenizer is used, none is trained beside the link)."""
+    or shards, a --logs-dir that is a file, a symlinked jsonl (its data's own tokenizer is used, none is trained
+    beside the link)."""
     records = [line.replace('"images/', f'"{world}/images/') for line in open(world / "train.jsonl")]
     broken = tmp_path / "broken.jsonl"
     broken.write_text("".join(records[:3] + [records[3].replace("/images/", "/missing/")] + records[4:]))

@@ -280,3 +280,13 @@ def test_only_val_records_have_held_out_captions(world):
     train = [json.loads(line) for line in open(world / "train.jsonl")]
     val = [json.loads(line) for line in open(world / "val.jsonl")]
     assert not any("human" in r for r in train) and all(len(r["human"]) == 5 for r in val)
+
+
+def test_cli_names_an_out_it_cannot_write(tmp_path, monkeypatch):
+    """An --out under a file: one line naming it, not a traceback."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(sys, "argv", ["world.py", "--out", str(tmp_path / "file" / "w"), "--train-size", "4",
+                                      "--val-size", "2"])
+    with pytest.raises(SystemExit) as e:
+        prepare.world.main()
+    assert e.value.code == f"error: {tmp_path / 'file' / 'w'}: cannot write the world (Not a directory)"
