@@ -239,7 +239,7 @@ def read_lines(path, strip=True):
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise data.DataError(f"{path}: cannot read ({e})") from None
+        raise data.DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     return [s.strip() for s in lines if s.strip()] if strip else lines
 
 

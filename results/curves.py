@@ -19,7 +19,8 @@ METRICS = {"i2t_R@1": "held-out image->text R@1 (%)", "zs/main_shape/top1": "zer
 
 def curve(run):
     """A run folder -> (steps, {metric: values}) over its validations, the final evaluation (if any) last."""
-    lines = [r for r in map(json.loads, open(run / "metrics.jsonl")) if all(f"val/{k}" in r for k in METRICS)]
+    lines = [json.loads(line) for line in open(run / "metrics.jsonl") if line.endswith("\n")]  # not a torn last one
+    lines = [r for r in lines if all(f"val/{k}" in r for k in METRICS)]
     if not lines:
         return None
     points = [(r["step"], {k: r[f"val/{k}"] for k in METRICS}) for r in lines]
@@ -42,7 +43,7 @@ if __name__ == "__main__":
         print(f"skipped {run}: no validation with {' and '.join(METRICS)} in its metrics.jsonl", file=sys.stderr)
         del curves[run]
     if not curves:
-        sys.exit("no run to draw")
+        sys.exit("error: no run to draw")
     print("| run | " + " | ".join(f"{k}: at 4/5 of the run -> end" for k in METRICS) + " |\n|---|---|---|")
     for run, (steps, values) in curves.items():  # the validation nearest 4/5 of the run, against the last
         i = min(range(len(steps)), key=lambda j: abs(steps[j] - 0.8 * steps[-1]))

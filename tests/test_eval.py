@@ -432,7 +432,7 @@ def test_cli_bad_user_zero_shot_sets_stop_up_front(world, tmp_path, monkeypatch)
              ("--zeroshot-folder", tmp_path / "set", "--classnames", tmp_path / "three.txt"):
                  f"{tmp_path / 'set'}: 2 class folders but 3 class names",
              ("--zeroshot-jsonl", tmp_path / "label7.jsonl", "--classnames", tmp_path / "no.txt"):
-                 f"{tmp_path / 'no.txt'}: cannot read (",
+                 f"{tmp_path / 'no.txt'}: cannot read (No such file or directory)",
              ("--zeroshot-jsonl", tmp_path / "label7.jsonl", "--classnames", tmp_path / "three.txt"):
                  f"{tmp_path / 'label7.jsonl'}:1: bad record (ValueError('label 7 is not one of the 3 classes'))",
              ("--zeroshot-folder", tmp_path / "set", "--templates", tmp_path / "plain.txt"):
