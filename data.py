@@ -206,7 +206,7 @@ def _merge(ids, pair, new):
     return out
 
 
-def _write_atomic(path, text):
+def write_atomic(path, text):
     """Write through a temporary file, so an interrupted run never leaves a half-written file behind."""
     with open(f"{path}.tmp", "w", encoding="utf-8") as f:
         f.write(text)
@@ -335,7 +335,7 @@ class Tokenizer:
         return cls(merges, V)
 
     def save(self, path):
-        _write_atomic(path, json.dumps(self.to_dict()))
+        write_atomic(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from data import DataError, Tokenizer, _write_atomic, image_transform, read_records, tokenizer_path  # noqa: E402
+from data import DataError, Tokenizer, image_transform, read_records, tokenizer_path, write_atomic  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Tar shards, the webdataset layout that img2dataset writes and CLIP trainers read at scale: per sample KEY.jpg
@@ -206,7 +206,7 @@ def write_shards(path, out, shard_size=1000, **read):
                 tar.addfile(info, io.BytesIO(text))
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
         sizes[name] = len(records[s:s + shard_size])
-    _write_atomic(os.path.join(out, "sizes.json"), json.dumps(sizes))
+    write_atomic(os.path.join(out, "sizes.json"), json.dumps(sizes))
     if os.path.exists(tokenizer_path(path)):
         Tokenizer.load(tokenizer_path(path)).save(os.path.join(out, "tokenizer.json"))
     return f"{out}/{{00000..{len(sizes) - 1:05d}}}.tar"

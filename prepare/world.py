@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: data.py
-from data import DataError, Tokenizer, _write_atomic, print_lengths, read_records  # noqa: E402
+from data import DataError, Tokenizer, print_lengths, read_records, write_atomic  # noqa: E402
 
 # Bump whenever generation changes a byte of the output (sampling, drawing, texts, tokenizer): train.py then knows
 # that an existing data/shapes is not the world this version would write (world_mismatch).
@@ -275,9 +275,9 @@ def human_captions(scene, rng, n=5):
 def write_splits(out, train, val, vocab_size):
     """out/val.jsonl, out/tokenizer.json (trained on the train captions) and, last, out/train.jsonl: its presence
     marks a complete dataset."""
-    _write_atomic(os.path.join(out, "val.jsonl"), "".join(json.dumps(r) + "\n" for r in val))
+    write_atomic(os.path.join(out, "val.jsonl"), "".join(json.dumps(r) + "\n" for r in val))
     Tokenizer.train([c for r in train for c in r["caption"]], vocab_size).save(os.path.join(out, "tokenizer.json"))
-    _write_atomic(os.path.join(out, "train.jsonl"), "".join(json.dumps(r) + "\n" for r in train))
+    write_atomic(os.path.join(out, "train.jsonl"), "".join(json.dumps(r) + "\n" for r in train))
 
 
 def print_summary(out, slots):
