@@ -362,8 +362,8 @@ def caption_texts(net, tok, memory, prompt, earlier, args, counts):
 
 def merge(out, images, world):
     """Rank 0, its own part written: wait until OUT and the W parts hold every image between them, write
-    OUT in input order, remove the parts. OUT is whole or absent at any moment (temporary file +
-    os.replace), so after a crash the same command resumes and merges again."""
+    OUT in input order, remove the parts. OUT is whole or absent at any moment (data.write_atomic), so after a
+    crash the same command resumes and merges again."""
     parts = [f"{out}.part{r}" for r in range(world)]
     while True:  # the other ranks may still be writing
         done = {image: line for path in [out, *parts] for image, line in read_done(path).items()}
@@ -372,9 +372,7 @@ def merge(out, images, world):
             break
         print(f"merge: waiting for {missing} images from the other ranks")
         time.sleep(10)
-    with open(out + ".tmp", "w") as f:
-        f.writelines(done[image] for image in images)
-    os.replace(out + ".tmp", out)
+    data.write_atomic(out, "".join(done[image] for image in images))
     for part in filter(os.path.exists, parts):  # a rank with nothing left to write opened no part
         os.remove(part)
     print(f"merged {len(images)} images from {world} parts into {out}")

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DataError, Tokenizer, make_loader
+from data import DataError, Tokenizer, make_loader, write_atomic
 from eval import evaluate, print_table
 from loss import branch_diversity, m2m_loss
 from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample, read_checkpoint, write_checkpoint
@@ -311,10 +311,7 @@ def drop_metrics_after(step):
     """metrics.jsonl without the lines of steps after `step` (logged by a run killed before its next save, and
     about to be logged again) and without a last line torn by that kill (it has no newline)."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    lines = [line for line in open(path) if line.endswith("\n") and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, "".join(line for line in open(path) if line.endswith("\n") and json.loads(line)["step"] <= step))
 
 
 # -----------------------------------------------------------------------------
