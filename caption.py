@@ -296,9 +296,11 @@ def train(args):
         sys.exit(f"error: {len(bad)} non-finite tensors after step {step} (e.g. {bad[0]}): not written; lower --lr")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "captioner.pt")
-    torch.save({"config": asdict(config), "model": net.state_dict(), "tokenizer": tok.to_dict(),
-                "step": step, "args": vars(args)}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a killed run never leaves half a checkpoint
+    try:  # atomic (model.write_checkpoint): a killed run never leaves half a checkpoint
+        model.write_checkpoint({"config": asdict(config), "model": net.state_dict(), "tokenizer": tok.to_dict(),
+                                "step": step, "args": vars(args)}, path)
+    except OSError as e:  # a full disk, say: the temporary file is removed
+        sys.exit(f"error: {e}")
     print(f"step {step} | loss {loss.item():.4f} | {time.time() - start:.0f} s | wrote {path}")
 
 
