@@ -83,8 +83,9 @@ def _parse_records(path, sep=None):
     """Yield (line, record or DataError naming FILE:LINE) for every non-blank line; the caller raises or counts.
     Shared by read_records (which may pad or drop) and check (which also opens every image)."""
     sep = sep or {".csv": ",", ".tsv": "\t"}.get(os.path.splitext(path)[1].lower())  # None: jsonl
-    # relative image paths start in the data's own folder: for a symlinked file, that of the file it points to
-    folder, header = os.path.dirname(os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)), None
+    # relative image paths start in the data's own real folder (a symlinked file's or folder's target): the one
+    # prepare/cache.py keys its cache by, so a cache never holds paths through a link that is gone
+    folder, header = os.path.dirname(os.path.realpath(path)), None
     # line numbers are physical lines from 1, blank lines included, so FILE:LINE opens at the right place
     try:
         f = open(path, "rb")  # bytes: a non-UTF-8 line is an error of that line, not of the whole file

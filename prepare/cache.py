@@ -46,7 +46,7 @@ def cache_key(path, tokenizer, context_length, read):
     except OSError as e:  # missing, a folder, unreadable: as read_records says it
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     vocab = hashlib.blake2b(json.dumps(tokenizer.to_dict()).encode(), digest_size=16).hexdigest()
-    return {"version": 1, "data": data, "folder": os.path.dirname(os.path.realpath(path)), "read": read,
+    return {"version": 2, "data": data, "folder": os.path.dirname(os.path.realpath(path)), "read": read,
             "tokenizer": vocab, "T": context_length}
 
 

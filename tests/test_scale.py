@@ -157,6 +157,19 @@ def test_a_bad_sample_is_named_by_shard_and_member(shards, tmp_path, capsys):
         shard_sample(str(bad), members[4][0], {"png": members[4][1]["png"]})
 
 
+def test_cache_built_through_a_symlinked_folder_outlives_the_link(world, tmp_path):
+    """A data folder reached through a link (a second checkout's data/ pointing at the first's): the cache is keyed
+    by the real folder, so its image paths must be the real folder's too, not the link's, or a later run through
+    the real path would read images from a link that is gone."""
+    (tmp_path / "link").symlink_to(world, target_is_directory=True)
+    tok = Tokenizer.load(world / "tokenizer.json")
+    cached_records(str(tmp_path / "link" / "train.jsonl"), tok, 32, cache=str(tmp_path / "c"))
+    (tmp_path / "link").unlink()
+    cache = cached_records(str(world / "train.jsonl"), tok, 32, cache=str(tmp_path / "c"), build=False)
+    assert [cache[i]["image"] for i in range(len(cache))] == [r["image"] for r in read_records(world / "train.jsonl")]
+    assert all(os.path.exists(cache[i]["image"]) for i in range(len(cache)))
+
+
 def test_cache_command_builds_what_train_py_opens(world, tmp_path):
     """python prepare/cache.py with its defaults writes the cache that train.py's defaults (the same read options,
     T of the tiny preset) open without building: the other ranks' path (build=False)."""
