@@ -392,7 +392,7 @@ def generate(args):
     nets = [load_captioner(path, args.device, prompts) for path in args.ckpt]
     transforms = [data.image_transform(net.config.vision["image_size"], train=False) for net, _ in nets]
     records = data.check_images(args.data, data.read_records(args.data))  # a bad image stops here, not midway
-    out_dir = os.path.dirname(os.path.abspath(args.out))
+    out_dir = os.path.dirname(os.path.realpath(args.out))  # the folder data.py reads relative paths from
     for r in records:  # image paths relative to the output file, so it reads from anywhere
         r["image_path"], r["image"] = r["image"], os.path.relpath(r["image"], out_dir)
     # this rank's share, records r::W, less the images already written (in OUT, or in its part)

@@ -83,8 +83,7 @@ def _parse_records(path, sep=None):
     """Yield (line, record or DataError naming FILE:LINE) for every non-blank line; the caller raises or counts.
     Shared by read_records (which may pad or drop) and check (which also opens every image)."""
     sep = sep or {".csv": ",", ".tsv": "\t"}.get(os.path.splitext(path)[1].lower())  # None: jsonl
-    # relative image paths start in the data's own real folder (a symlinked file's or folder's target): the one
-    # prepare/cache.py keys its cache by, so a cache never holds paths through a link that is gone
+    # relative image paths start in the data's real folder, links resolved: the folder prepare/cache.py keys by
     folder, header = os.path.dirname(os.path.realpath(path)), None
     # line numbers are physical lines from 1, blank lines included, so FILE:LINE opens at the right place
     try:

@@ -228,7 +228,7 @@ def read_labelled(folder=None, jsonl=None, classnames=None):
                 if not 0 <= label < len(classnames):
                     raise ValueError(f"label {label} is not one of the {len(classnames)} classes")
                 labels.append(label)
-                paths.append(str(Path(jsonl).parent / r["image"]))
+                paths.append(str(Path(jsonl).resolve().parent / r["image"]))  # the real folder, as data.py
             except (ValueError, KeyError, TypeError) as e:
                 raise data.DataError(f"{jsonl}:{line_no}: bad record ({e!r})") from None
     return paths, torch.tensor(labels), classnames

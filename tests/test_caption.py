@@ -92,6 +92,17 @@ def test_prompt_conditioning(toy, tmp_path):
         assert os.path.samefile(tmp_path / o["image"], toy / v["image"])  # relative to the output file
 
 
+def test_generate_through_a_symlinked_folder(toy, tmp_path):
+    """--out in a folder reached through a link (at another depth than its target): the image paths are relative
+    to the real folder, the one data.py reads them from, so the output reads back through either path."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "a" / "b", target_is_directory=True)
+    generate(toy, tmp_path / "link" / "g.jsonl")
+    val = data.read_records(toy / "val.jsonl")
+    for path in (tmp_path / "link" / "g.jsonl", tmp_path / "a" / "b" / "g.jsonl"):
+        assert all(os.path.samefile(o["image"], v["image"]) for o, v in zip(data.read_records(path), val))
+
+
 def test_gadget2_one_text_per_captioner(toy, tmp_path):
     out = generate(toy, tmp_path / "g2.jsonl", "--prompts", "detail", "--ckpt", str(toy / "cap2" / "captioner.pt"))
     val = [json.loads(line) for line in open(toy / "val.jsonl")]

@@ -417,6 +417,16 @@ def test_cli_bad_records_stop_up_front(world, tmp_path, monkeypatch):
     assert not (tmp_path / "results.jsonl").exists()
 
 
+def test_labelled_jsonl_reads_images_from_its_real_folder(tmp_path):
+    """A symlinked zero-shot jsonl reads its relative image paths from the folder of the file it points to, as
+    data.py's records do (they were read from the link's folder)."""
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "labels.jsonl").write_text(json.dumps({"image": "1.png", "label": "b"}) + "\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "set" / "labels.jsonl")
+    paths, labels, names = eval.read_labelled(jsonl=tmp_path / "link.jsonl", classnames=["a", "b"])
+    assert paths == [str(tmp_path.resolve() / "set" / "1.png")] and labels.tolist() == [1]
+
+
 def test_cli_bad_user_zero_shot_sets_stop_up_front(world, tmp_path, monkeypatch):
     """A user zero-shot set that cannot be scored is a DataError naming the file before any embedding (these were
     tracebacks, one after the long part); a template without {} gave every class the same prompt, silently."""
