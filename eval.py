@@ -98,8 +98,8 @@ def score(img, txt, how="mean", stats=None):
 # Duplicates (text_ids given): a caption identical to one of the query image's own counts as its own, both ways
 # (for "a blurred style picture", every image captioned so is a right answer), so shared texts cost nothing.
 # Tie rule, ties count against the query: a query's rank is the number of WRONG candidates scoring >= its
-# (best) correct one, 0 = first place, and hit@k <=> rank < k. A model that scores everything alike gets 0.
-# NaN (a broken model) counts against too: ~(s < t), not s >= t (False for NaN); a NaN correct score: no hit at any k.
+# best right one (its own, or a copy), 0 = first place, and hit@k <=> rank < k. A model that scores everything alike gets 0.
+# NaN (a broken model) counts against too: ~(s < t), not s >= t (False for NaN); a NaN right score: no hit at any k.
 # Chunking: the (n, n, M) score tensor is built tile by tile (chunk images x chunk images x M) and only
 # counts per query are kept, so 100k images x 500k texts need O(chunk^2 M + n M) memory, not n x nM.
 
@@ -117,26 +117,33 @@ def retrieval_metrics(img, txt, branch="mean", ks=(1, 5, 10), chunk=1024, text_i
     def tile(a, b):  # images a against the captions of images b: (|a|, |b|, M)
         return score(img[a], txt[b].flatten(0, 1), branch, stats).view(-1, b.stop - b.start, M)
 
-    # pass 1: each image's own M scores, from the diagonal tiles (the same arithmetic as pass 2, so a
-    # wrong candidate that ties a correct one compares equal, bit for bit)
+    ids = torch.arange(n, device=img.device)
+    pairs = [(a, b) for a in blocks for b in blocks]
+
+    def right(a, b):  # (|a|, |b|, 1 or M): caption (j, m) is image i's own, or (text_ids) the same text as one
+        if text_ids is None:
+            return (ids[a, None] == ids[None, b])[..., None]
+        return (text_ids[None, b, :, None] == text_ids[a, None, None, :]).any(-1)
+
+    # pass 1: each query's threshold, its best right candidate. Image i's own M scores from the diagonal tiles
+    # (the same arithmetic as pass 2, so a wrong candidate that ties a right one compares equal, bit for bit)
     pos = torch.cat([tile(a, a).diagonal().T for a in blocks])  # (n, M): s(i, (i, m))
-    best = pos.amax(1)                                           # (n,) threshold of the image query
+    top_slot, top_t2i = pos.clone(), pos.clone()                # (n, M): image i in slot m, caption (j, m)
+    if text_ids is not None:  # and every copy: for caption (j, m), the best of the images holding that text
+        for a, b in pairs:
+            s = tile(a, b).masked_fill(~right(a, b), -math.inf)  # (|a|, |b|, M), the right pairs only
+            top_slot[a], top_t2i[b] = torch.maximum(top_slot[a], s.amax(1)), torch.maximum(top_t2i[b], s.amax(0))
+    best = top_slot.amax(1)                                     # (n,) threshold of the image query
     # pass 2: count, per query, the wrong candidates scoring >= the threshold
     rank_i2t = torch.zeros(n, dtype=torch.long, device=img.device)      # among all n*M texts
     rank_slot = torch.zeros(n, M, dtype=torch.long, device=img.device)  # among slot m's n texts only
     rank_t2i = torch.zeros(n, M, dtype=torch.long, device=img.device)   # caption (j, m) among n images
-    ids = torch.arange(n, device=img.device)
-    pairs = [(a, b) for a in blocks for b in blocks]
     for a, b in tqdm(pairs, desc="retrieval", disable=None if len(pairs) > 1 else True):
-        s = tile(a, b)                                     # (|a|, |b|, M)
-        if text_ids is None:
-            wrong = (ids[a, None] != ids[None, b])[..., None]  # (|a|, |b|, 1): pairs of different images
-        else:  # (|a|, |b|, M): caption (j, m) is none of image i's own texts
-            wrong = ~(text_ids[None, b, :, None] == text_ids[a, None, None, :]).any(-1)
+        s, wrong = tile(a, b), ~right(a, b)                # (|a|, |b|, M), (|a|, |b|, 1 or M)
         rank_i2t[a] += (~(s < best[a, None, None]) & wrong).sum((1, 2))
-        rank_slot[a] += (~(s < pos[a, None, :]) & wrong).sum(1)
-        rank_t2i[b] += (~(s < pos[None, b, :]) & wrong).sum(0)
-    rank_i2t[best.isnan()] = rank_slot[pos.isnan()] = rank_t2i[pos.isnan()] = max(ks)  # best: NaN if any own is
+        rank_slot[a] += (~(s < top_slot[a, None, :]) & wrong).sum(1)
+        rank_t2i[b] += (~(s < top_t2i[None, b, :]) & wrong).sum(0)
+    rank_i2t[best.isnan()] = rank_slot[top_slot.isnan()] = rank_t2i[top_t2i.isnan()] = max(ks)  # NaN: no hit
 
     def recall(rank, k):
         return 100 * (rank < k).sum().item() / rank.numel()

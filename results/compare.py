@@ -21,6 +21,10 @@ import statistics
 import sys
 from pathlib import Path
 
+# the world's zero-shot label kinds (prepare/world.py's LABEL_KINDS, not imported: this script needs no torch);
+# "zs mean" is their mean, so a user set evaluated later (eval.py --zeroshot-folder) does not move it
+LABEL_KINDS = ("main_shape", "main_colour", "bg_pattern", "bg_colour", "style")
+
 
 def load(inputs):
     """Run folders and jsonl files -> {row name: [each seed's latest evaluation]}, rows in the order first met."""
@@ -38,7 +42,7 @@ def load(inputs):
     rows = {}
     for (run, aggregate), r in latest.items():
         branches = [v for k, v in r.items() if re.fullmatch(r"branch\d+/i2t_R@1", k)]
-        zs = [v for k, v in r.items() if k.startswith("zs/") and k.endswith("/top1")]
+        zs = [r[f"zs/{kind}/top1"] for kind in LABEL_KINDS if f"zs/{kind}/top1" in r]
         r = {**r, "best_branch/i2t_R@1": max(branches, default=None), "zs_mean": statistics.mean(zs) if zs else None}
         name = re.sub(r"-s\d+$", "", run) + ("" if aggregate == "mean" else f" [{aggregate}]")
         rows.setdefault(name, []).append(r)

@@ -26,8 +26,9 @@ def curve(run):
     points = [(r["step"], {k: r[f"val/{k}"] for k in METRICS}) for r in lines]
     done = run / "results.jsonl"  # none yet: a run still training, or stopped
     final = [json.loads(line) for line in open(done) if line.strip()] if done.exists() else []
-    if final and (not points or final[0]["step"] > points[-1][0]):  # train.py's own evaluation at the end
-        points.append((final[0]["step"], {k: final[0][k] for k in METRICS}))
+    final = max((r for r in final if r.get("aggregate", "mean") == "mean"), key=lambda r: r["step"], default=None)
+    if final and (not points or final["step"] > points[-1][0]):  # the evaluation at the end (a later eval.py's)
+        points.append((final["step"], {k: final[k] for k in METRICS}))
     return [s for s, _ in points], {k: [v[k] for _, v in points] for k in METRICS}
 
 

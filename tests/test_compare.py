@@ -49,6 +49,16 @@ def test_seeds_are_one_row(tmp_path):
     assert p.returncode == 0 and p.stdout == out.getvalue() and "started-s0" in p.stderr, p.stderr
 
 
+def test_zs_mean_is_the_worlds_label_kinds_only(tmp_path):
+    """A user zero-shot set evaluated later (eval.py --zeroshot-folder adds zs/NAME/top1) does not enter the
+    "zs mean" of claim 5: it is the mean over the world's label kinds."""
+    lines = [{**RESULT, "run": "abl-s0"}, {**RESULT, "run": "abl-s1", "zs/pets/top1": 5.0}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [r["zs_mean"] for r in compare.load([str(tmp_path / "r.jsonl")])["abl"]] == [25.0, 25.0]
+    from prepare.world import LABEL_KINDS
+    assert sorted(compare.LABEL_KINDS) == sorted(LABEL_KINDS)  # the copy in compare.py is the world's
+
+
 def test_empty_results_are_left_out(tmp_path):
     """A results.jsonl just created (empty, or blank lines only) is a run without results, as a missing file."""
     for name, text in (("empty", ""), ("blank", "\n \n"), ("done", json.dumps(RESULT) + "\n")):
@@ -107,7 +117,7 @@ def test_jsonl_round_trip_and_aggregations(tmp_path):
 
 def test_curves_read_validations_and_the_final_evaluation(tmp_path):
     """results/curves.py: the validations of metrics.jsonl (training lines skipped) plus the final evaluation
-    from results.jsonl; the table pairs the validation nearest 4/5 of the run with the end, and a PNG is written.
+    from results.jsonl (its last step, not its first line); the table pairs the validation nearest 4/5 of the run with the end, and a PNG is written.
     Runs with no validations, or validations without the world's zero-shot (real data), are skipped by name; a
     last line torn by a kill is not read."""
     runs = {name: tmp_path / name for name in ("abl-s0", "no-eval-every", "real-data")}
@@ -119,7 +129,8 @@ def test_curves_read_validations_and_the_final_evaluation(tmp_path):
         run.mkdir()
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [train, *validations[name]])
                                            + '{"step": 450, "val/i2')  # a last line torn by a kill: not read
-        (run / "results.jsonl").write_text(json.dumps({**RESULT, "step": 500, "i2t_R@1": 45.0}) + "\n")
+        (run / "results.jsonl").write_text(json.dumps({**RESULT, "step": 300, "i2t_R@1": 1.0}) + "\n"  # eval.py,
+                                           + json.dumps({**RESULT, "step": 500, "i2t_R@1": 45.0}) + "\n")  # mid-run
     p = subprocess.run([sys.executable, "results/curves.py", *map(str, runs.values()), "--out",
                         str(tmp_path / "c.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

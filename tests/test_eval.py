@@ -149,6 +149,36 @@ def test_retrieval_duplicate_texts_count_as_the_querys_own():
     assert eval.text_ids(torch.tensor([[[1, 2], [3, 4]], [[3, 4], [1, 5]]])).tolist() == [[0, 2], [2, 1]]
 
 
+def test_retrieval_duplicate_rule_against_a_loop():
+    """Many shared texts (ids from a small set, a text's embedding a function of its id) against the rule written
+    out per query: rank = wrong candidates scoring >= the BEST right one, where the right ones are every copy of
+    the query's own texts (i2t, per slot) or every image holding the query text (t2i). Integer embeddings in
+    float64: exact ties. Earlier, t2i and the slot views compared against the query's own pair only, and a wrong
+    image between it and a better copy cost the query its hit."""
+    g = torch.Generator().manual_seed(0)
+    n, M, K, E = 9, 3, 2, 4
+    ids = torch.randint(0, 6, (n, M), generator=g)
+    img = torch.randint(-2, 3, (n, K, E), generator=g).double()
+    txt = torch.randint(-2, 3, (6, E), generator=g).double()[ids]  # (n, M, E)
+    s = torch.einsum("ie,jme->ijm", img.mean(1), txt)              # (n, n, M)
+
+    def rank(scores, right):  # one query: its candidates' scores and which are right
+        return int(((scores >= scores[right].max()) & ~right).sum())
+    own = [{int(t) for t in ids[i]} for i in range(n)]
+    held = torch.tensor([[[int(ids[j, m]) in own[i] for m in range(M)] for j in range(n)] for i in range(n)])
+    i2t = [rank(s[i].flatten(), held[i].flatten()) for i in range(n)]
+    slot = [[rank(s[i, :, m], held[i, :, m]) for m in range(M)] for i in range(n)]
+    t2i = [[rank(s[:, j, m], held[:, j, m]) for m in range(M)] for j in range(n)]
+    ks = (1, 2, 3)
+    got = eval.retrieval_metrics(img, txt, ks=ks, chunk=4, text_ids=ids)
+    for k in ks:
+        assert got[f"i2t_R@{k}"] == pytest.approx(100 * sum(r < k for r in i2t) / n)
+        assert got[f"t2i_R@{k}"] == pytest.approx(100 * sum(r < k for rs in t2i for r in rs) / (n * M))
+        for m in range(M):
+            assert got[f"slot{m}/i2t_R@{k}"] == pytest.approx(100 * sum(slot[i][m] < k for i in range(n)) / n)
+            assert got[f"slot{m}/t2i_R@{k}"] == pytest.approx(100 * sum(t2i[j][m] < k for j in range(n)) / n)
+
+
 def test_retrieval_branch_mean_is_unnormalised_branch_average():
     g = torch.Generator().manual_seed(1)
     img = F.normalize(torch.randn(30, 2, 6, generator=g), dim=-1)
