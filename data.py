@@ -82,7 +82,8 @@ def _record(text, sep, header, folder):
 def _parse_records(path, sep=None):
     """Yield (line, record or DataError naming FILE:LINE) for every non-blank line; the caller raises or counts.
     Shared by read_records (which may pad or drop) and check (which also opens every image)."""
-    sep = sep or {".csv": ",", ".tsv": "\t"}.get(os.path.splitext(path)[1].lower())  # None: jsonl
+    ext = os.path.splitext(path)[1].lower()  # a .jsonl file is JSON lines, even beside a --csv-separator TSV
+    sep = None if ext == ".jsonl" else sep or {".csv": ",", ".tsv": "\t"}.get(ext)  # None: JSON lines
     # relative image paths start in the data's real folder, links resolved: the folder prepare/cache.py keys by
     folder, header = os.path.dirname(os.path.realpath(path)), None
     # line numbers are physical lines from 1, blank lines included, so FILE:LINE opens at the right place
@@ -149,8 +150,8 @@ def read_records(path, captions=None, on_count="error", skip_bad=False, sep=None
 def load_image(path, verify=False):
     """An RGB PIL image, else DataError "PATH: cannot read image (reason)". Nothing blocks or blows up: only a
     regular non-empty file is opened (a FIFO blocks open() until a writer comes), of at most MAX_IMAGE_PIXELS
-    (above, Pillow warns up to twice that and decodes). verify: only open and verify (PNG: every chunk's checksum,
-    nothing decoded) and return the message or None."""
+    (above, Pillow warns up to twice that and decodes). verify: check only (a PNG's chunk checksums, nothing decoded; other
+    formats decoded) and return the message or None."""
     try:
         st = os.stat(path)  # follows symbolic links
         why = (None if stat.S_ISREG(st.st_mode) and st.st_size else "an empty file" if stat.S_ISREG(st.st_mode)
@@ -162,7 +163,9 @@ def load_image(path, verify=False):
         try:
             if why is None:
                 with Image.open(path) as image:  # convert() decodes all before the file closes; any mode -> RGB
-                    return image.verify() if verify else image.convert("RGB")  # verify() returns None
+                    if verify:  # PNG: its chunks and checksums, undecoded; verify() lets a JPEG cut short pass
+                        image.verify() if image.format == "PNG" else image.load()
+                    return None if verify else image.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             why = f"{type(e).__name__}: {e}"
     if verify:

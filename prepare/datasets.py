@@ -24,19 +24,17 @@ def open_datasets(args, train_path, val_path, image_size, context_length, run_di
     DataError naming FILE:LINE (or the shard and member), raised before the first step."""
     master = rank == 0
     read = dict(captions=args.captions, on_count=args.caption_count, skip_bad=args.skip_bad, sep=args.csv_separator)
-    shards = ".tar" in train_path  # webdataset-style tar shards ('dir/{00000..00099}.tar'), else a jsonl/CSV file
+    shards = train_path.endswith(".tar")  # webdataset-style tar shards ('dir/{00000..00099}.tar'), else jsonl/CSV
     # the tokenizer: the data's own lives beside the real file (not a link to it); one trained here by rank 0 is
     # kept there too, or with the run when the data's folder is read-only
     tok_path, run_tok = tokenizer_path(train_path), os.path.join(run_dir, "tokenizer.json")
     train_records = None  # read here only when a tokenizer must be trained on them
     if tokenizer is None and args.tokenizer:
         tokenizer = Tokenizer.load(args.tokenizer)
-    elif tokenizer is None and os.path.exists(tok_path):
-        tokenizer = Tokenizer.load(tok_path)
-    elif tokenizer is None and shards:
+    elif tokenizer is None and shards and not os.path.exists(tok_path):
         raise DataError(f"{train_path}: shards need a tokenizer: --tokenizer, or a tokenizer.json beside them")
-    elif tokenizer is None:
-        if master:
+    elif tokenizer is None:  # the data's own, or one trained here: every rank takes the barrier either way
+        if master and not os.path.exists(tok_path):
             train_records = check_images(train_path, read_records(train_path, **read), args.skip_bad)
             tokenizer = Tokenizer.train([c for r in train_records for c in r["caption"]], args.vocab_size)
             try:
@@ -47,6 +45,9 @@ def open_datasets(args, train_path, val_path, image_size, context_length, run_di
             print(f"trained a {args.vocab_size}-token BPE on the train captions -> {tok_path}")
         barrier()
         tokenizer = Tokenizer.load(tok_path if os.path.exists(tok_path) else run_tok)
+        if master and train_records is None and tokenizer.vocab_size != args.vocab_size:
+            print(f"note: {tok_path} has {tokenizer.vocab_size} ids; --vocab-size {args.vocab_size} sizes only a "
+                  "tokenizer trained here (move that one away to train another)")
     # the train set. Shards are streamed (no index; each loader process reads whole shards, and the epoch length
     # comes from sizes.json); their bad samples stop the run when met, named by shard and member. A jsonl/CSV file:
     # bad input stops here, before the first step, with FILE:LINE and the reason (or is skipped and counted with

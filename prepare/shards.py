@@ -199,7 +199,10 @@ def write_shards(path, out, shard_size=1000, **read):
         name = f"{s // shard_size:05d}.tar"
         with tarfile.open(os.path.join(out, name + ".tmp"), "w") as tar:
             for i, r in enumerate(records[s:s + shard_size], s):
-                tar.add(r["image"], f"{i:09d}{os.path.splitext(r['image'])[1].lower()}")
+                ext = os.path.splitext(r["image"])[1].lower()
+                if ext not in (".jpg", ".jpeg", ".png", ".webp"):  # what shard_sample reads back
+                    raise DataError(f"{path}:{r['line']}: {r['image']}: a shard holds .jpg/.jpeg/.png/.webp images")
+                tar.add(r["image"], f"{i:09d}{ext}")
                 text = json.dumps({"caption": r["caption"]}).encode()
                 info = tarfile.TarInfo(f"{i:09d}.json")
                 info.size = len(text)

@@ -139,6 +139,9 @@ def test_csv_and_tsv(tmp_path):
         read_records(csv, sep=";")
     with pytest.raises(DataError, match=f"^{tmp_path / 'h.csv'}:1: the header"):
         read_records(write(tmp_path / "h.csv", ["path,caption", "a.png,x"]))
+    # a separator given for a TSV train file (train.py --csv-separator) leaves the val.jsonl beside it JSON lines
+    jsonl = write(tmp_path / "val.jsonl", [json.dumps({"image": "x.png", "caption": ["a cat"]})])
+    assert read_records(jsonl, sep="\t") == read_records(jsonl)
 
 
 def test_bad_images_name_the_path(tmp_path):
@@ -166,16 +169,16 @@ def deadline(seconds=10):
         signal.signal(signal.SIGALRM, old)
 
 
-BAD_KINDS = {"missing": "No such file", "truncated": "[Tt]runcated", "zero-byte": "empty file",
-             "directory": "a directory", "dangling link": "dangling symbolic link", "fifo": "a FIFO",
-             "not an image": "UnidentifiedImageError", "bomb": "decompression bomb"}
+BAD_KINDS = {"missing": "No such file", "truncated": "[Tt]runcated", "truncated jpeg": "truncated",
+             "zero-byte": "empty file", "directory": "a directory", "dangling link": "dangling symbolic link",
+             "fifo": "a FIFO", "not an image": "UnidentifiedImageError", "bomb": "decompression bomb"}
 
 
 def make_bad_image(kind, folder, monkeypatch):
     """One image of each bad kind; "bomb": over the warning limit (not the error limit, 2x) of Pillow, made small."""
-    path = folder / f"{kind}.png"
+    path = folder / f"{kind}.{'jpg' if 'jpeg' in kind else 'png'}"
     noise = Image.effect_noise((40, 40), 50)  # noise: a PNG of a few kB, so a cut lands inside the pixel data
-    if kind == "truncated":
+    if kind.startswith("truncated"):  # the JPEG: Pillow's verify() checks nothing of it, so it must be decoded
         noise.save(path)
         path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
     elif kind == "zero-byte":

@@ -12,6 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data import DataError, Tokenizer, read_records
 from prepare.cache import CachedRecords, cached_records
@@ -184,3 +185,60 @@ def test_cache_command_builds_what_train_py_opens(world, tmp_path):
     read = dict(captions=None, on_count="error", skip_bad=False, sep=None)  # train.py's defaults
     cache = cached_records(str(data), Tokenizer.load(tmp_path / "tokenizer.json"), 32, build=False, **read)
     assert len(cache) == 48
+
+
+def test_two_runs_building_one_cache_at_once(world, tmp_path):
+    """Two runs started together on new data (two seeds, say) both build the cache: each writes its own temporary
+    file and renames a whole one (they shared one temporary name and crashed each other)."""
+    import multiprocessing
+    data = tmp_path / "train.jsonl"
+    data.write_text((world / "train.jsonl").read_text().replace('"images/', f'"{world}/images/'))
+    (tmp_path / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    tok = Tokenizer.load(tmp_path / "tokenizer.json")
+    procs = [multiprocessing.get_context("fork").Process(target=cached_records, args=(str(data), tok, 32))
+             for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    cache = cached_records(str(data), tok, 32, build=False)
+    assert torch.equal(torch.from_numpy(cache.tokens.astype(np.int64)), direct(read_records(str(data)), tok, 32))
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json", "train.jsonl", "train.jsonl.cache"]  # no .tmp left
+
+
+def test_write_shards_refuses_an_image_type_shards_cannot_hold(world, tmp_path):
+    """ShardDataset reads .jpg/.jpeg/.png/.webp members; a .bmp was written and every run on the shards failed."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.bmp")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"image": "a.bmp", "caption": ["x"]}) + "\n")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'r.jsonl'}:1: {tmp_path / 'a.bmp'}: a shard holds"):
+        write_shards(str(tmp_path / "r.jsonl"), str(tmp_path / "out"))
+
+
+def open_as(rank, train_path, tmp_path, barriers, **flags):
+    """prepare/datasets.py's open_datasets as train.py calls it, for one rank, counting its barriers."""
+    from types import SimpleNamespace
+    from prepare.datasets import open_datasets
+    args = SimpleNamespace(**{**dict(captions=None, caption_count="error", skip_bad=False, csv_separator=None,
+                                     tokenizer=None, vocab_size=300, val_data="none", batch_size=4, seed=0,
+                                     workers=0), **flags})
+    return open_datasets(args, str(train_path), "none", 64, 32, str(tmp_path / "run"), rank, 2,
+                         lambda: barriers.append(rank))
+
+
+def test_every_rank_takes_the_same_barriers(world, tmp_path, capsys):
+    """Rank 0 trains the tokenizer; a rank that looks only after it was saved took one barrier fewer, so the
+    next collective paired the wrong calls (a hang until --dist-timeout). Here rank 1 runs after rank 0; both
+    must count the same barriers. A --vocab-size that the existing tokenizer does not have is said, not
+    silently ignored. A jsonl in a folder whose name holds ".tar" is a jsonl, not shards."""
+    folder = tmp_path / "data.tar.d"
+    folder.mkdir()
+    data = folder / "train.jsonl"
+    data.write_text((world / "train.jsonl").read_text().replace('"images/', f'"{world}/images/'))
+    barriers = []
+    open_as(0, data, tmp_path, barriers)
+    open_as(1, data, tmp_path, barriers)
+    assert barriers == [0, 0, 1, 1]
+    assert (folder / "tokenizer.json").exists()
+    open_as(0, data, tmp_path, [], vocab_size=500)
+    assert f"note: {folder / 'tokenizer.json'} has 300 ids; --vocab-size 500 sizes only" in capsys.readouterr().out
