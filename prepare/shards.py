@@ -141,10 +141,15 @@ class ShardDataset(IterableDataset):
         mine = self.shards[c::self.C]
         buffer = []
         for i in rng.permutation(len(mine)):
+            read = 0
             for key, parts in read_shard(mine[i]):
                 buffer.append((mine[i], key, parts))
+                read += 1
                 if len(buffer) >= 1000:
                     yield buffer.pop(rng.integers(len(buffer)))
+            if read != self.sizes[c + i * self.C]:  # a tar cut at a member's edge reads as a shorter, whole one
+                raise DataError(f"{mine[i]}: {read} samples where sizes.json says {self.sizes[c + i * self.C]} "
+                                "(a shard cut short, or replaced: write the shards again)")
         while buffer:
             yield buffer.pop(rng.integers(len(buffer)))
 

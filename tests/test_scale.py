@@ -158,6 +158,21 @@ def test_a_bad_sample_is_named_by_shard_and_member(shards, tmp_path, capsys):
         shard_sample(str(bad), members[4][0], {"png": members[4][1]["png"]})
 
 
+def test_a_shard_cut_short_is_named(shards, tmp_path):
+    """A shard cut at a member's edge (a copy interrupted): it reads as a whole tar of fewer samples than
+    sizes.json says. It was read as a shorter shard and the epoch ended later with "ran out of samples" and no
+    shard named."""
+    import shutil
+    folder = tmp_path / "shards"
+    shutil.copytree(os.path.dirname(shards), folder)
+    cut = folder / "00001.tar"
+    with tarfile.open(cut) as tar:
+        edge = tar.getmembers()[4].offset  # the header of the third sample's first member
+    cut.write_bytes(cut.read_bytes()[:edge])
+    with pytest.raises(DataError, match=rf"^{cut}: "):
+        list(shard_set(str(folder / "{00000..00007}.tar")).loader(0))
+
+
 def test_cache_built_through_a_symlinked_folder_outlives_the_link(world, tmp_path):
     """A data folder reached through a link (a second checkout's data/ pointing at the first's): the cache is keyed
     by the real folder, so its image paths must be the real folder's too, not the link's, or a later run through
