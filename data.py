@@ -150,8 +150,8 @@ def read_records(path, captions=None, on_count="error", skip_bad=False, sep=None
 def load_image(path, verify=False):
     """An RGB PIL image, else DataError "PATH: cannot read image (reason)". Nothing blocks or blows up: only a
     regular non-empty file is opened (a FIFO blocks open() until a writer comes), of at most MAX_IMAGE_PIXELS
-    (above, Pillow warns up to twice that and decodes). verify: check only (a PNG's chunk checksums, nothing decoded; other
-    formats decoded) and return the message or None."""
+    (above, Pillow warns up to twice that and decodes). verify: check only (a PNG's chunk checksums, nothing
+    decoded; other formats decoded) and return the message or None."""
     try:
         st = os.stat(path)  # follows symbolic links
         why = (None if stat.S_ISREG(st.st_mode) and st.st_size else "an empty file" if stat.S_ISREG(st.st_mode)

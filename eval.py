@@ -97,8 +97,8 @@ def score(img, txt, how="mean", stats=None):
 # Text -> image: every caption (j, m) is a query; a hit at k when image j is among the k best of n images.
 # Duplicates (text_ids given): a caption identical to one of the query image's own counts as its own, both ways
 # (for "a blurred style picture", every image captioned so is a right answer), so shared texts cost nothing.
-# Tie rule, ties count against the query: a query's rank is the number of WRONG candidates scoring >= its
-# best right one (its own, or a copy), 0 = first place, and hit@k <=> rank < k. A model that scores everything alike gets 0.
+# Tie rule, ties count against the query: a query's rank is the number of WRONG candidates scoring >= its best
+# right one (its own, or a copy), 0 = first place, and hit@k <=> rank < k. A model scoring all alike gets 0.
 # NaN (a broken model) counts against too: ~(s < t), not s >= t (False for NaN); a NaN right score: no hit at any k.
 # Chunking: the (n, n, M) score tensor is built tile by tile (chunk images x chunk images x M) and only
 # counts per query are kept, so 100k images x 500k texts need O(chunk^2 M + n M) memory, not n x nM.

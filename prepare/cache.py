@@ -82,7 +82,7 @@ def write_cache(path, key, records, tokenizer, context_length, workers=2):
     """records (read and checked) -> the cache at `path`, tokenised by `workers` forked processes that each fill
     their rows of the token array in place. Written as path.tmpPID, then renamed: whole or absent, and two runs
     building it at once each rename a whole one."""
-    n, M, T, tmp = len(records), len(records[0]["caption"]), context_length, f"{path}.tmp{os.getpid()}"  # two runs
+    n, M, T, tmp = len(records), len(records[0]["caption"]), context_length, f"{path}.tmp{os.getpid()}"
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.int32)
     paths = [r["image"].encode() for r in records]  # UTF-8, once: the blob and where each path ends in it
     blob = b"".join(paths)

@@ -117,9 +117,9 @@ def test_jsonl_round_trip_and_aggregations(tmp_path):
 
 def test_curves_read_validations_and_the_final_evaluation(tmp_path):
     """results/curves.py: the validations of metrics.jsonl (training lines skipped) plus the final evaluation
-    from results.jsonl (its last step, not its first line); the table pairs the validation nearest 4/5 of the run with the end, and a PNG is written.
-    Runs with no validations, or validations without the world's zero-shot (real data), are skipped by name; a
-    last line torn by a kill is not read."""
+    from results.jsonl (its last step, not its first line); the table pairs the validation nearest 4/5 of the run
+    with the end, and a PNG is written. Runs with no validations, or validations without the world's zero-shot
+    (real data), are skipped by name; a last line torn by a kill is not read."""
     runs = {name: tmp_path / name for name in ("abl-s0", "no-eval-every", "real-data")}
     train = {"step": 50, "loss": 3.0}
     validations = {"abl-s0": [{"step": s, "val/i2t_R@1": s / 10, "val/zs/main_shape/top1": s / 20}
@@ -129,8 +129,8 @@ def test_curves_read_validations_and_the_final_evaluation(tmp_path):
         run.mkdir()
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [train, *validations[name]])
                                            + '{"step": 450, "val/i2')  # a last line torn by a kill: not read
-        (run / "results.jsonl").write_text(json.dumps({**RESULT, "step": 300, "i2t_R@1": 1.0}) + "\n"  # eval.py,
-                                           + json.dumps({**RESULT, "step": 500, "i2t_R@1": 45.0}) + "\n")  # mid-run
+        (run / "results.jsonl").write_text(json.dumps({**RESULT, "step": 300, "i2t_R@1": 1.0}) + "\n"  # eval.py
+                                           + json.dumps({**RESULT, "step": 500, "i2t_R@1": 45.0}) + "\n")
     p = subprocess.run([sys.executable, "results/curves.py", *map(str, runs.values()), "--out",
                         str(tmp_path / "c.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
