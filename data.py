@@ -1,10 +1,8 @@
 """data.py: the data stage of Holistic CLIP (paper.md section 1: every image carries M texts, one per perspective,
 and slot m trains image branch m). How ANY dataset is read: records, a byte-level BPE tokenizer, the image-text
-dataset and loader, and a check of a dataset on disk. How datasets are made lives in prepare/: the built-in
-synthetic world (prepare/world.py; train.py writes it on first use) and two real offline datasets, clip art and
-emoji from Debian packages (prepare/debian.py, prepare/README.md), both through prepare/world.py's write_splits.
-train.py opens its data through prepare/datasets.py: at scale, a jsonl's token cache (prepare/cache.py) or tar
-shards (prepare/shards.py).
+dataset and loader, and a check of a dataset on disk. Datasets are made in prepare/ (its README): the built-in
+synthetic world (world.py, written on first use) and clip art and emoji from Debian packages (debian.py); train.py
+opens them through prepare/datasets.py (at scale: a jsonl's token cache, cache.py, or tar shards, shards.py).
 
     python data.py --check data/shapes/train.jsonl --captions 6    # validate; exit 1 on bad records
     python data.py --check my.tsv --skip-bad                        # go on past bad records and count them
@@ -30,6 +28,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import stat
 import sys
 import warnings
@@ -394,12 +393,11 @@ class ImageTextDataset(Dataset):
             return
         # one M for all records: the tokens of a batch are one (B, M, T) tensor
         assert records, "no records"
-        M = len(records[0]["caption"])
+        self.M = M = len(records[0]["caption"])
         assert all(len(r["caption"]) == M for r in records), \
             f"records must share M = {M} captions: read them with captions=M and on_count='pad' or 'drop'"
         flat = [c for r in records for c in r["caption"]]  # record-major: n x M texts
         self.tokens = tokenizer.tokenize(flat, context_length).view(len(records), M, context_length)  # (n, M, T)
-        self.M = M
 
     def __len__(self):
         return len(self.records)
@@ -412,6 +410,11 @@ class ImageTextDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63)
             return self.transform(image), tokens
+
+
+def ignore_sigterm(worker_id):
+    """A loader process leaves a SIGTERM to the process group (a scheduler's) to train.py: finish the step, save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, train, workers=0, pin_memory=False, seed=0, epoch=0, skip_batches=0):
@@ -430,7 +433,8 @@ def make_loader(dataset, batch_size, train, workers=0, pin_memory=False, seed=0,
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if train and batches and len(batches[-1]) < batch_size:
         batches.pop()  # drop_last: every training step sees a full batch of B negatives
-    return DataLoader(dataset, batch_sampler=batches[skip_batches:], num_workers=workers, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_sampler=batches[skip_batches:], num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=ignore_sigterm)
 
 
 # -----------------------------------------------------------------------------
@@ -476,15 +480,12 @@ def check(args):
 
 
 def main():
-    """--check a dataset; without it, the help (datasets are written by prepare/). A DataError exits with its
-    message."""
-    p = argparse.ArgumentParser(description="Check a dataset: parse every record, open every image, count the bad "
-                                "ones and print the caption lengths per slot. Datasets are written by "
-                                "prepare/world.py (the synthetic world) and prepare/debian.py (emoji, openclipart).")
+    """--check a dataset; without it, the help. A DataError exits with its message."""
+    p = argparse.ArgumentParser(description="Check a dataset: parse every record, open every image, count the bad ones "
+                                "and print the caption lengths per slot. prepare/world.py and debian.py write them.")
     p.add_argument("--check", metavar="FILE", help="the jsonl/csv/tsv dataset to validate")
     p.add_argument("--captions", type=int, help="the expected number of texts per image M")
-    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
-                   help="count bad records (the first 10, and the first bad image, printed) instead of stopping")
+    p.add_argument("--skip-bad", action="store_true", help="count bad records (the first 10 printed), do not stop")
     p.add_argument("--sep", help="CSV/TSV separator (default: ',' for .csv, tab for .tsv)")
     args = p.parse_args()
     if not args.check:  # nothing to check: the help says what this command does and where datasets come from

@@ -19,7 +19,6 @@ params.json, metrics.jsonl (one JSON line per log step), ckpt.pt and results.jso
 import argparse
 import copy
 import fcntl
-import itertools
 import json
 import math
 import os
@@ -40,9 +39,8 @@ from eval import evaluate, print_table
 from loss import branch_diversity, m2m_loss
 from model import PRESETS, HolisticCLIP, ModelConfig, flops_per_sample, read_checkpoint, write_checkpoint
 from prepare.clip import load_clip
-from prepare.datasets import open_datasets
+from prepare.datasets import open_datasets, synthetic_batches
 from prepare.shards import ShardDataset
-from prepare.world import make_world, world_mismatch
 
 # -----------------------------------------------------------------------------
 # config: open_clip-familiar flag names. Every flag lands in params.json and in the checkpoint, so a run can
@@ -54,8 +52,7 @@ add("--train-data", help="training jsonl/csv/tsv; none given: the synthetic worl
 add("--val-data", help="validation jsonl/csv/tsv; none given: val.jsonl beside the train data, if any; 'none': no eval")
 add("--csv-separator", help="separator of a .csv/.tsv file; none given: by the extension")
 add("--captions", type=int, help="expected M per record; none given: that of the first record")
-add("--caption-count", choices=["error", "pad", "drop"], default="error",
-    help="records whose caption count is not M: stop, pad by repeating, or drop them")
+add("--caption-count", choices=["error", "pad", "drop"], default="error", help="records of other than M captions")
 add("--skip-bad", action="store_true", help="skip and count bad records and images instead of stopping")
 add("--vocab-size", type=int, default=1024, help="BPE vocabulary when a tokenizer must be trained")
 add("--tokenizer", help="a tokenizer.json, or CLIP's bpe_simple_vocab_16e6.txt.gz; none given: the data's own")
@@ -64,13 +61,11 @@ add("--model", default="tiny-conv", choices=list(PRESETS), help="architecture pr
 add("--branches", type=int, help="K image branches for --loss m2m; none given: M")
 add("--branch-type", default="cls", choices=["cls", "mlp"], help="K class tokens or K MLP heads")
 add("--isolate-cls", action=flag, default=True, help="class token i does not see class token j (CLS design)")
-add("--official-cls-mask", action="store_true", help="instead, the official code's mask as it runs: +1 on the logits "
-    "between class tokens (model.official_bias)")
+add("--official-cls-mask", action="store_true", help="the official code's mask as it runs: +1 between class tokens")
 add("--loss", default="m2m", choices=["m2m", "o2m", "o2o"], help="multi-to-multi, one-to-many, CLIP")
 add("--branch-diversity", action=flag, default=True, help="the 0.7 hinge on the inter-branch cosine when K > 1")
 add("--fused-loss", action=flag, default=True, help="tiled loss that never holds the K x B x B logits (loss.py)")
-add("--multi-positive", action="store_true", help="identical texts in a batch are right answers of each other's "
-    "images, not negatives (reference loss: with --no-fused-loss)")
+add("--multi-positive", action="store_true", help="identical texts in a batch are positives (with --no-fused-loss)")
 # starting from an existing CLIP (prepare/clip.py): its weights, and what its architecture needs
 add("--pretrained", help="an openai/CLIP or open_clip ViT file (.pt, .bin, .safetensors), copied into the K branches")
 add("--force-quick-gelu", action="store_true", help="QuickGELU in the MLPs, as openai's released weights need")
@@ -184,13 +179,7 @@ use_compile = args.compile if args.compile is not None else device.type == "cuda
 # precision in three lines: one autocast context, TF32 on for the fp32 matmuls
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def barrier():
-    """Wait for every rank (nothing to wait for in a plain run): after rank 0 alone wrote a file, say."""
-    if ddp:
-        dist.barrier()
-
+barrier = dist.barrier if ddp else lambda: None  # every rank waits for the others (after rank 0 alone wrote a file)
 
 # the run folder: rank 0 takes it before anything is read or written. A new run needs an absent or empty folder,
 # so no run is ever overwritten; a lock held while this process lives keeps a second train.py out of it.
@@ -202,12 +191,11 @@ if master:
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = open(os.path.join(run_dir, "lock"), "w")
-    except OSError as e:  # --logs-dir a file, say
-        fail(f"{run_dir}: cannot make the run folder ({e.strerror})")
-    try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS when the process ends, even on kill -9
     except BlockingIOError:
         fail(f"{run_dir} is in use by another train.py")
+    except OSError as e:  # --logs-dir a file, say
+        fail(f"{run_dir}: cannot make the run folder ({e.strerror})")
 
 
 # -----------------------------------------------------------------------------
@@ -217,30 +205,13 @@ if master:
 preset = PRESETS[args.model]
 arch = ckpt["config"] if ckpt is not None else {**preset, "quick_gelu": args.force_quick_gelu,
                                                   "image_size": args.force_image_size or preset["image_size"]}
-if args.synthetic_tensors:
-    # throughput only: one random batch made on the device and reused every step; nothing is read or saved
-    M, tokenizer, vocab = args.texts or args.branches or 1, None, 49408  # 49408: openai/CLIP's BPE vocabulary
-    train_set = val_set = None
+if args.synthetic_tensors:  # throughput only: one random batch, made on the device, every step (prepare/datasets.py)
     steps_per_epoch = 1000  # there are no epochs; this only numbers the steps
-
-    def epoch_batches(epoch, skip):
-        g = torch.Generator(device="cpu").manual_seed(args.seed + rank)
-        images = torch.randn(args.batch_size, 3, arch["image_size"], arch["image_size"], generator=g)
-        tokens = torch.randint(1, vocab - 2, (args.batch_size, M, arch["context_length"]), generator=g)
-        tokens[..., -1] = vocab - 1  # EOT (the largest id) at the end of every text
-        return itertools.repeat((images.to(device), tokens.to(device)), steps_per_epoch - skip)
-else:
-    # the synthetic world is written by rank 0 while the others wait: one copy, on the shared disk. One written
-    # by another version of prepare/world.py, or with other arguments, is not silently taken for the default.
+    M, vocab, epoch_batches = synthetic_batches(args, arch["image_size"], arch["context_length"], rank, device,
+                                                steps_per_epoch)
+    tokenizer = train_set = val_set = None
+else:  # a jsonl/CSV file or tar shards; none given: the synthetic world, written on first use (prepare/datasets.py)
     train_path = args.train_data or os.path.join("data", "shapes", "train.jsonl")
-    if args.train_data is None and not os.path.exists(train_path):
-        if master:
-            print(f"generating the synthetic world in {os.path.dirname(train_path)} (first use)")
-            make_world(os.path.dirname(train_path))
-        barrier()
-    elif args.train_data is None and (why := world_mismatch(os.path.dirname(train_path))):
-        fail(f"{why}: move it away (the next run writes the default world) "
-             f"or train on it as it is with --train-data {train_path}")
     val_path = args.val_data or os.path.join(os.path.dirname(train_path), "val.jsonl")
     try:  # the tokenizer (a resumed run's own), the train set and the val split (prepare/datasets.py)
         tokenizer, train_set, val_set = open_datasets(
@@ -307,13 +278,6 @@ def data_key():
     return {**key, "workers": args.workers} if isinstance(train_set, ShardDataset) else key
 
 
-def drop_metrics_after(step):
-    """metrics.jsonl without the lines of steps after `step` (logged by a run killed before its next save, and
-    about to be logged again) and without a last line torn by that kill (it has no newline)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    write_atomic(path, "".join(line for line in open(path) if line.endswith("\n") and json.loads(line)["step"] <= step))
-
-
 # -----------------------------------------------------------------------------
 # resume: weights, optimizer, step and RNG states; the data order is a function of (seed, epoch), so
 # skipping the batches already seen in the current epoch replays the straight run exactly
@@ -329,8 +293,10 @@ if ckpt is not None:
         fail("--resume: " + ", ".join(f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then[k]) +
              " since the checkpoint was written, so the run would not continue exactly: resume with the same "
              "data and number of ranks (a run on other data starts without --resume)")
-    if master and continuing and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        drop_metrics_after(step)
+    # metrics.jsonl loses the lines of steps after `step` (logged by a run killed before its next save, and about
+    # to be logged again) and a last line torn by that kill (it has no newline)
+    if master and continuing and os.path.exists(log := os.path.join(run_dir, "metrics.jsonl")):
+        write_atomic(log, "".join(x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= step))
     if master:
         print(f"resumed from step {step} of {max_steps}")
 
@@ -370,24 +336,10 @@ if master:
           f"compile {use_compile} | steps {max_steps} ({steps_per_epoch}/epoch)")
 
 # -----------------------------------------------------------------------------
-# the loop's helpers: stop signals, the health check, validation, checkpoints
+# the loop's helpers: stop signals, the health check, checkpoints
 stop_signal = []  # SIGTERM / SIGINT: finish the current step, save, exit cleanly
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-
-
-def to_host(x):
-    """Start copying x to the host without waiting for the GPU: (host copy, CUDA event to wait on, or None
-    on the CPU, where the copy is already done)."""
-    if x.device.type != "cuda":
-        return x, None
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    host.copy_(x, non_blocking=True)
-    arrived = torch.cuda.Event()
-    arrived.record()
-    return host, arrived
-
-
 pending = []  # (step, flags on the host, CUDA event): health checks still on their way to the host
 
 
@@ -401,7 +353,11 @@ def health_check(loss, n, due):
     if ddp:
         flags = flags.float()  # NCCL and gloo reduce numbers, not booleans
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    pending.append((n, *to_host(flags)))
+    host = flags.to("cpu", non_blocking=True)  # from CUDA: a pinned copy, there once `arrived` has passed
+    arrived = torch.cuda.Event() if device.type == "cuda" else None  # on the CPU the copy is already done
+    if arrived is not None:
+        arrived.record()
+    pending.append((n, host, arrived))
     verdict = None
     while pending and (due or verdict or pending[0][0] < n):  # earlier steps always; step n when due or stopping
         checked, host, arrived = pending.pop(0)
@@ -412,16 +368,6 @@ def health_check(loss, n, due):
         if host[1]:
             verdict = "signal"
     return verdict
-
-
-def validate():
-    """The headline retrieval and zero-shot on the val split (rank 0), then a barrier so the other ranks wait."""
-    metrics = {}
-    if master and val_set is not None:
-        results = evaluate(raw_model, val_set, device=device, tokenizer=tokenizer, views=False)  # train() after
-        metrics = {f"val/{k}": v for k, v in results.items() if isinstance(v, float)}
-    barrier()
-    return metrics
 
 
 def save_checkpoint(step):
@@ -490,21 +436,22 @@ while step < max_steps and stopped is None:
             mfu = f"{100 * flops * ips / (peak * 1e12):.0f}%" if peak else "-"
             row = {"step": step, "epoch": epoch, "loss": parts[0].item(), "contrastive": parts[1].item(),
                    "diversity": parts[2].item(), "lr": lr, "scale": scale.item(), "ms": 1000 * dt, "img_s": ips}
-            mem = ""
             if device.type == "cuda":  # the peak so far, this rank
                 row["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                mem = f" | {row['mem_gib']:.1f} GiB"
             if master:
                 bar.write(f"step {step:>6}/{max_steps} | loss {row['loss']:.4f} (div {row['diversity']:.3f}) | lr "
                           f"{lr:.2e} | scale {row['scale']:5.1f} | {1000 * dt:6.1f} ms | {ips:8,.0f} img/s | mfu {mfu}"
-                          f"{mem}")
+                          + (f" | {row['mem_gib']:.1f} GiB" if "mem_gib" in row else ""))
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
         if args.eval_every and step % args.eval_every == 0 and step < max_steps:
-            val = validate()
-            if master and val:
-                bar.write("  val " + " | ".join(f"{k[4:]} {v:.1f}" for k, v in val.items()))
-                metrics_file.write(json.dumps({"step": step, **val}) + "\n")
+            # the headline retrieval and zero-shot on the val split, by rank 0 while the others wait at the barrier
+            if master and val_set is not None:
+                results = evaluate(raw_model, val_set, device=device, tokenizer=tokenizer, views=False)  # train() after
+                val = {k: v for k, v in results.items() if isinstance(v, float)}
+                bar.write("  val " + " | ".join(f"{k} {v:.1f}" for k, v in val.items()))
+                metrics_file.write(json.dumps({"step": step, **{f"val/{k}": v for k, v in val.items()}}) + "\n")
+            barrier()
         # a throughput run (--synthetic-tensors) writes no checkpoint: there is nothing to resume from
         saving = not args.synthetic_tensors and (stopped or step % args.save_every == 0 or step == max_steps)
         # the health check saw the loss, computed before the update; an update can still overflow. Every rank

@@ -1,28 +1,45 @@
 """prepare/datasets.py: the datasets a training run opens, at any scale. train.py calls open_datasets once, on every
 rank, after its flags are read: which tokenizer (the checkpoint's, --tokenizer, the data's own, or one trained on
 the train captions), which train set (a jsonl/CSV file through its token cache, prepare/cache.py, or tar shards,
-prepare/shards.py) and the val split. Rank 0 writes what is missing (a tokenizer, a token cache) while the others
-wait at the barrier, then every rank opens the same files.
+prepare/shards.py) and the val split. Rank 0 writes what is missing (the default synthetic world, a tokenizer, a
+token cache) while the others wait at the barrier, then every rank opens the same files. With --synthetic-tensors
+(throughput only) train.py calls synthetic_batches instead.
 
     python train.py --train-data d/train.jsonl --val-data d/val.jsonl       # a file: checked, cached, memory-mapped
     python train.py --train-data 'd/{00000..00019}.tar' --tokenizer d/tokenizer.json    # shards: streamed
+    python train.py --model base --synthetic-tensors --max-steps 30                       # no data: random batches
     python -m pytest -q tests/test_train.py tests/test_scale.py
 """
+import itertools
 import os
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data import DataError, ImageTextDataset, Tokenizer, check_images, read_records, tokenizer_path  # noqa: E402
 from prepare.cache import cached_records  # noqa: E402
 from prepare.shards import ShardDataset, expand_shards  # noqa: E402
+from prepare.world import make_world, world_mismatch  # noqa: E402
 
 
 def open_datasets(args, train_path, val_path, image_size, context_length, run_dir, rank, world, barrier,
                   tokenizer=None):
-    """-> (tokenizer, train set, val set or None). args: train.py's flags (the read options, --tokenizer,
-    --vocab-size, --val-data, --batch-size, --seed, --workers); tokenizer: a resumed run's own. Bad input is a
-    DataError naming FILE:LINE (or the shard and member), raised before the first step."""
+    """-> (tokenizer, train set, val set or None). args: train.py's flags (--train-data, the read options,
+    --tokenizer, --vocab-size, --val-data, --batch-size, --seed, --workers); tokenizer: a resumed run's own. Bad
+    input is a DataError naming FILE:LINE (or the shard and member), raised before the first step."""
     master = rank == 0
+    if args.train_data is None:  # the default, the synthetic world: rank 0 writes it while the others wait (one copy,
+        # on the shared disk); one written by another version of prepare/world.py, or with other arguments, is not
+        # silently taken for the default
+        if not os.path.exists(train_path):
+            if master:
+                print(f"generating the synthetic world in {os.path.dirname(train_path)} (first use)")
+                make_world(os.path.dirname(train_path))
+            barrier()
+        elif why := world_mismatch(os.path.dirname(train_path)):
+            raise DataError(f"{why}: move it away (the next run writes the default world) or train on it as it is "
+                            f"with --train-data {train_path}")
     read = dict(captions=args.captions, on_count=args.caption_count, skip_bad=args.skip_bad, sep=args.csv_separator)
     shards = train_path.endswith(".tar")  # webdataset-style tar shards ('dir/{00000..00099}.tar'), else jsonl/CSV
     # the tokenizer: the data's own lives beside the real file (not a link to it); one trained here by rank 0 is
@@ -80,3 +97,15 @@ def open_datasets(args, train_path, val_path, image_size, context_length, run_di
     if master and truncated:
         print(f"note: {truncated} captions were truncated to {context_length} tokens")
     return tokenizer, train_set, val_set
+
+
+def synthetic_batches(args, image_size, context_length, rank, device, steps_per_epoch):
+    """--synthetic-tensors, throughput without loading: -> (M, vocab, epoch_batches), where epoch_batches(epoch, skip)
+    returns one random batch, made once on the device, for each remaining step of the epoch; nothing is read."""
+    M, vocab = args.texts or args.branches or 1, 49408  # 49408: openai/CLIP's BPE vocabulary
+    g = torch.Generator(device="cpu").manual_seed(args.seed + rank)
+    images = torch.randn(args.batch_size, 3, image_size, image_size, generator=g)
+    tokens = torch.randint(1, vocab - 2, (args.batch_size, M, context_length), generator=g)
+    tokens[..., -1] = vocab - 1  # EOT (the largest id) at the end of every text
+    batch = images.to(device), tokens.to(device)
+    return M, vocab, lambda epoch, skip: itertools.repeat(batch, steps_per_epoch - skip)

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from data import DataError, Tokenizer, image_transform, read_records, tokenizer_path, write_atomic  # noqa: E402
+from data import (DataError, Tokenizer, ignore_sigterm, image_transform, read_records, tokenizer_path,  # noqa: E402
+                  write_atomic)
 
 # -----------------------------------------------------------------------------
 # Tar shards, the webdataset layout that img2dataset writes and CLIP trainers read at scale: per sample KEY.jpg
@@ -191,7 +192,7 @@ class ShardDataset(IterableDataset):
         """A DataLoader over one epoch of this rank's batches, from batch `skip_batches` on."""
         self.epoch, self.skip = epoch, skip_batches
         return DataLoader(self, batch_size=None, num_workers=self.workers if self.workers > 1 else 0,
-                          pin_memory=pin_memory)
+                          pin_memory=pin_memory, worker_init_fn=ignore_sigterm)
 
 
 def write_shards(path, out, shard_size=1000, **read):

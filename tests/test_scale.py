@@ -235,8 +235,8 @@ def open_as(rank, train_path, tmp_path, barriers, **flags):
     from types import SimpleNamespace
     from prepare.datasets import open_datasets
     args = SimpleNamespace(**{**dict(captions=None, caption_count="error", skip_bad=False, csv_separator=None,
-                                     tokenizer=None, vocab_size=300, val_data="none", batch_size=4, seed=0,
-                                     workers=0), **flags})
+                                     tokenizer=None, vocab_size=300, train_data=str(train_path), val_data="none",
+                                     batch_size=4, seed=0, workers=0), **flags})
     return open_datasets(args, str(train_path), "none", 64, 32, str(tmp_path / "run"), rank, 2,
                          lambda: barriers.append(rank))
 

@@ -42,7 +42,8 @@ def train(world, logs, *flags, batch=8, check=True, background=False, cwd=None, 
            "--warmup", "1", "--lr", "1e-3", "--device", "cpu", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if background:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group, as under a scheduler
     r = subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=300,
                        preexec_fn=preexec)
     if check:
@@ -116,13 +117,16 @@ def test_resume_replays_the_straight_run(world, tmp_path):
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"), atol=1e-6)
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(world, tmp_path):
-    proc = train(world, tmp_path, "--name", "term", "--max-steps", "10000", background=True)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_saves_a_checkpoint_that_resumes(world, tmp_path, workers):
+    """SIGTERM to the run's whole process group, as a scheduler sends it: the run finishes its step and saves. With
+    loader processes, torch's own handler made them exit and the run crashed instead (they now ignore it)."""
+    proc = train(world, tmp_path, "--name", "term", "--max-steps", "10000", "--workers", str(workers), background=True)
     metrics = tmp_path / "term" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "stopped (signal)" in out
