@@ -91,6 +91,8 @@ def open_datasets(args, train_path, val_path, image_size, context_length, run_di
                                    args.skip_bad)
     elif args.val_data not in (None, "none"):
         raise DataError(f"{val_path}: --val-data not found (give --val-data none to train without one)")
+    elif args.val_data is None and master:  # said now, not discovered when the run ends without its table
+        print(f"note: no {val_path} beside the train data: this run is not evaluated (give --val-data)")
     val_set = ImageTextDataset(val_records, tokenizer, image_size, context_length=context_length,
                                seed=args.seed) if val_records else None
     truncated = tokenizer.truncated + (0 if shards else train_set.records.truncated)

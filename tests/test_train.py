@@ -166,6 +166,14 @@ def test_missing_val_data_is_an_error_and_none_means_no_evaluation(world, tmp_pa
     train(world, tmp_path / "runs", "--name", "none", "--max-steps", "1", "--val-data", "none")
     assert (tmp_path / "runs" / "none" / "ckpt.pt").exists()
     assert not (tmp_path / "runs" / "none" / "results.jsonl").exists()  # the final evaluation was skipped
+    # no val.jsonl beside the train file (here a link to it, whose images and tokenizer are the real folder's):
+    # the run says at the start that it will not be evaluated
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "train.jsonl").symlink_to(world / "train.jsonl")
+    r = train(world, tmp_path / "runs", "--name", "alone", "--max-steps", "1",
+              "--train-data", str(tmp_path / "alone" / "train.jsonl"))
+    assert f"note: no {tmp_path / 'alone' / 'val.jsonl'} beside the train data" in r.stdout, r.stdout[-2000:]
+    assert not (tmp_path / "runs" / "alone" / "results.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
