@@ -5,7 +5,7 @@ The paper re-captions every image with large vision-language models, several pro
 examples (e.g. the world's ground truth): model.py's vision tower turns the image into tokens, a small causal
 decoder cross-attending to them writes the text, a learned prompt token in SOT's place picks the perspective.
 
-    python prepare/world.py --out data/shapes5k --train-size 5000 --val-size 500
+    python prepare/world.py --out data/shapes5k --train-size 5000 --val-size 500 --image-size 64
     python caption.py train --data data/shapes5k/train.jsonl --out runs/cap --max-minutes 10
     python caption.py generate --ckpt runs/cap/captioner.pt --data data/shapes5k/val.jsonl \
         --prompts detail,nouns,background,main,style --out runs/cap/g1.jsonl            # gadget 1

@@ -65,15 +65,15 @@ class ModelConfig:
 
 # ModelConfig kwargs without branches/vocab_size: ModelConfig(**{**PRESETS["tiny-conv"], "branches": 4,
 # "vocab_size": tok.vocab_size}). tiny-conv (train.py's default) is tiny with a conv stem in place of the patchify
-# conv: it learns the world's shapes, which tiny barely does, for about 1.3x tiny's step time on a CPU
-# (results/presets.md). tiny is the plain ViT that openai/open_clip weights fit (prepare/clip.py). Context 32 holds
-# the synthetic world's longest caption (31 tokens with SOT/EOT). base is the paper's ViT-B/16 (paper.md
-# section 5) with its L = 3 of 12 branched blocks.
+# conv, at the world's 32 px (N = 16): it learns the world's shapes, which tiny barely does, and a step at 32 px
+# costs about half one at 64 (results/presets.md). tiny is the plain ViT that openai/open_clip weights fit
+# (prepare/clip.py). Context 32 holds the synthetic world's longest caption (31 tokens with SOT/EOT). base is the
+# paper's ViT-B/16 (paper.md section 5) with its L = 3 of 12 branched blocks.
 TINY = dict(image_size=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=2, mlp_branch_layers=2,
             text_width=64, text_layers=2, text_heads=2, context_length=32, embed_dim=64)
 PRESETS = {
     "tiny": TINY,
-    "tiny-conv": {**TINY, "conv_stem": True},
+    "tiny-conv": {**TINY, "conv_stem": True, "image_size": 32},
     "small": dict(image_size=64, patch_size=8, vision_width=384, vision_layers=6, vision_heads=6, mlp_branch_layers=2,
                   text_width=256, text_layers=6, text_heads=4, context_length=77, embed_dim=256),
     "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,

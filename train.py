@@ -3,7 +3,7 @@
 One file, read top to bottom: config, distributed/device, data, model, optimizer, resume, compile/DDP,
 schedule, the loop's helpers, loop, final evaluation. The same script runs as one plain process or under torchrun:
 
-    python train.py                                   # built-in synthetic world, tiny-conv preset, CPU, 11 min
+    python train.py                                   # built-in synthetic world, tiny-conv preset, CPU, 9 min
     python train.py --train-data d/train.jsonl --val-data d/val.jsonl --model small --branches 6
     torchrun --nproc_per_node=8 train.py --model base --train-data cc3m/train.jsonl --batch-size 256 \
         --epochs 100 --lr 5e-4 --warmup 2000 --wd 0.2 --precision bf16 --compile
@@ -75,7 +75,7 @@ add("--batch-size", type=int, default=128, help="images per rank (B)")
 add("--lr", type=float, default=1e-3, help="peak learning rate")
 add("--wd", type=float, default=0.2, help="AdamW weight decay on >= 2-D weights")
 add("--warmup", type=int, help="linear warm-up steps; none given: 100, or half a shorter run")
-add("--epochs", type=int, default=3, help="passes over the training data")
+add("--epochs", type=int, default=7, help="passes over the training data")
 add("--max-steps", type=int, help="total optimizer steps (overrides --epochs)")
 add("--stop-at-step", type=int, help="save and stop after this step, keeping the full run's schedule (split long runs)")
 add("--grad-clip-norm", type=float, help="clip the gradient norm")

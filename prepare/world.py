@@ -3,10 +3,10 @@ download. paper.md section 1: every image is seen from M = 6 perspectives, one t
 [alt, detail, nouns, background, main, style]; slot m trains image branch m. Here every perspective is known exactly
 because the image is drawn from its scene: 1-3 coloured shapes on a patterned background under one global style.
 The alt-text (slot 0) is web-like noise, a file name or one word about any object, so CLIP trained on that single
-caption is myopic, while the other five slots are exact. Every attribute the texts name is visible at 64 px: the
-tests measure each one from the pixels (tests/test_world.py).
+caption is myopic, while the other five slots are exact. Every attribute the texts name is visible at 32 px (the
+default) and at 64: the tests measure each one from the pixels (tests/test_world.py).
 
-    python prepare/world.py                          # -> data/shapes: 20k train + 1k val, 64 px, seed 0, V = 1024
+    python prepare/world.py                          # -> data/shapes: 20k train + 1k val, 32 px, seed 0, V = 1024
     python prepare/world.py --out DIR --train-size N --val-size N --image-size S --seed S --vocab-size V
     python prepare/world.py --out data/scenes --scenes      # scene types tie background, style and shapes
     python data.py --check data/shapes/train.jsonl --captions 6
@@ -60,7 +60,7 @@ FEELINGS = {"vivid": ["bright", "bold", "lively"], "pastel": ["soft", "calm", "l
             "dark": ["gloomy", "moody", "dim"], "noisy": ["grainy", "rough", "speckled"],
             "blurred": ["hazy", "dreamy", "out of focus"]}
 SIZES = ["small", "large"]  # ordered: the main object is the one with the largest index here
-SIDE = {"small": (0.19, 0.24), "large": (0.38, 0.45)}  # box side as a fraction of S: 12-15 vs 24-29 px at 64
+SIDE = {"small": (0.19, 0.24), "large": (0.38, 0.45)}  # box side as a fraction of S: 6-8 vs 12-14 px at 32
 POSITIONS = ["top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"]
 # The zero-shot classes of eval.py, and prompts for them in the captions' own phrasing (compare scene_texts).
 LABEL_KINDS = {"main_shape": SHAPES, "main_colour": list(COLOURS), "bg_pattern": PATTERNS,
@@ -80,7 +80,7 @@ SCENE_TYPES = [dict(pattern=PATTERNS[i], style=STYLES[i], colours=list(COLOURS)[
 # -----------------------------------------------------------------------------
 # A scene: sampled from an rng, drawn into pixels, its per-object masks and its zero-shot labels
 
-def sample_scene(rng, image_size=64, scenes=False):
+def sample_scene(rng, image_size=32, scenes=False):
     """A random scene as a JSON-serialisable dict; `rng` is a random.Random, so the scene is a function of it.
     Boxes are [x0, y0, x1, y1) in pixels; "seed" drives the noise of the noisy style. scenes: first draw a scene
     type (SCENE_TYPES), which fixes the pattern and the style and narrows the background colour and the shapes."""
@@ -145,7 +145,7 @@ def background(scene):
     # The second tone: lighter for dark colours, darker for light ones, so every pattern shows on every colour.
     tone = c * 0.6 if sum(COLOURS[scene["background"]["colour"]]) > 450 else c + (255 - c) * 0.45
     y, x = np.arange(S)[:, None], np.arange(S)[None, :]  # (S, 1) and (1, S): patterns broadcast to (S, S)
-    u = max(2, S // 16)  # the pattern's unit: 4 px at 64 px
+    u = max(2, S // 16)  # the pattern's unit: 2 px at 32 px, 4 at 64
     if pattern == "plain":
         t = np.zeros((S, 1))
     elif pattern == "stripes":  # vertical stripes u px wide
@@ -172,7 +172,7 @@ def apply_style(x, scene):
     elif style == "noisy":  # gaussian noise, std 20 of 255, from the scene's own seed (reproducible)
         x = x + np.random.default_rng(scene["seed"]).normal(0, 20, x.shape)
     image = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
-    if style == "blurred":  # radius 1 px at 64 px: stripes and small shapes soften but survive
+    if style == "blurred":  # radius 0.5 px at 32 px, 1 at 64: stripes and small shapes soften but survive
         image = image.filter(ImageFilter.GaussianBlur(S / 64))
     return image  # "vivid": the saturated colours as they are
 
@@ -310,7 +310,7 @@ def _make_sample(job):
     return {**record, "human": human_captions(scene, random.Random(f"{seed}:{index}:human"))} if val else record
 
 
-def make_world(out, train_size=20000, val_size=1000, image_size=64, seed=0, vocab_size=1024, scenes=False):
+def make_world(out, train_size=20000, val_size=1000, image_size=32, seed=0, vocab_size=1024, scenes=False):
     """Write out/world.json (WORLD_VERSION and these arguments), out/images/*.png and, through write_splits, the
     jsonl files and the tokenizer (trained on the train captions), train.jsonl last. Val images are numbered after
     the train images. Overwrites what is there: the command line refuses an existing dataset."""
@@ -370,7 +370,7 @@ def main():
     p.add_argument("--out", default=os.path.join("data", "shapes"), help="output folder")
     p.add_argument("--train-size", type=int, default=20000, help="training images")
     p.add_argument("--val-size", type=int, default=1000, help="validation images")
-    p.add_argument("--image-size", type=int, default=64, help="image side S in pixels")
+    p.add_argument("--image-size", type=int, default=32, help="image side S in pixels")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary V incl. PAD/SOT/EOT")
     p.add_argument("--scenes", action="store_true", help="scene types tie background, style and shapes (SCENE_TYPES)")

@@ -4,7 +4,7 @@ per metric, one line per run (results/pictures.py's line_chart), and a table of 
 fifth. A run without validations (no --eval-every) or without these metrics (real data: no world labels) is
 skipped, with a line saying so.
 
-    python results/curves.py runs/ablation/{o2o,o2m,m2m}*-s0 --out results/curves.png   # the world's rows
+    python results/curves.py runs/ablation32/*-s0 --out results/curves.png   # the world's rows
 """
 import argparse
 import json

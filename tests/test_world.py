@@ -22,6 +22,9 @@ from prepare.world import (COLOURS, PATTERNS, POSITIONS, SHAPES, SLOTS, STYLES, 
 M = len(SLOTS)  # texts per image: a new perspective changes it here only
 
 
+both_sides = pytest.mark.parametrize("S", [32, 64])  # the default world's image side, and the earlier one
+
+
 def random_scenes(n, seed=0, S=64):
     rng = random.Random(seed)
     return [sample_scene(rng, S) for _ in range(n)]
@@ -48,9 +51,9 @@ def test_same_seed_same_bytes(world, tmp_path):
     for name in names:
         assert (world / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
     assert (world / "train.jsonl").read_bytes() != (tmp_path / "b" / "train.jsonl").read_bytes()
-    alone = prepare.world._make_sample((5, 1, 64, False, str(tmp_path / "b"), False))  # in this process, not a worker
+    alone = prepare.world._make_sample((5, 1, 32, False, str(tmp_path / "b"), False))  # in this process, not a worker
     assert json.dumps(alone) + "\n" == (world / "train.jsonl").read_text().splitlines(keepends=True)[5]
-    alone = prepare.world._make_sample((25, 1, 64, False, str(tmp_path / "b"), True))  # a val image: its held-out texts
+    alone = prepare.world._make_sample((25, 1, 32, False, str(tmp_path / "b"), True))  # a val image: its held-out texts
     assert json.dumps(alone) + "\n" == (world / "val.jsonl").read_text().splitlines(keepends=True)[1]
 
 
@@ -59,7 +62,7 @@ def test_world_json_and_mismatch(world, tmp_path, monkeypatch):
     asked for, or None."""
     version, mismatch = prepare.world.WORLD_VERSION, prepare.world.world_mismatch
     assert json.loads((world / "world.json").read_text()) == {
-        "version": version, "train_size": 24, "val_size": 8, "image_size": 64, "seed": 1, "vocab_size": 1024,
+        "version": version, "train_size": 24, "val_size": 8, "image_size": 32, "seed": 1, "vocab_size": 1024,
         "scenes": False}
     assert mismatch(str(world), train_size=24, val_size=8, seed=1) is None
     assert mismatch(str(world), train_size=24, val_size=8, seed=1, scenes=True) == (
@@ -144,11 +147,12 @@ def eroded(mask):
     return inner if inner.any() else mask
 
 
-def test_object_colours_visible():
+@both_sides
+def test_object_colours_visible(S):
     """Each object's mean colour is nearest to its own named colour, among all named colours rendered in the same
     style (a swatch: a plain background of that colour with no objects)."""
     hits = Counter()
-    for scene in random_scenes(300):
+    for scene in random_scenes(300, S=S):
         swatches = {c: pixels({**scene, "background": {"colour": c, "pattern": "plain"}, "objects": []}).mean((0, 1))
                     for c in COLOURS}
         x, masks = pixels(scene), scene_masks(scene)
@@ -160,8 +164,9 @@ def test_object_colours_visible():
         assert hits[style, False] == 0, (style, hits)
 
 
-def test_background_colour_visible():
-    for scene in random_scenes(200):
+@both_sides
+def test_background_colour_visible(S):
+    for scene in random_scenes(200, S=S):
         if scene["background"]["pattern"] in ("plain", "dots"):
             swatches = {c: pixels({**scene, "background": {"colour": c, "pattern": "plain"}, "objects": []})
                         .mean((0, 1)) for c in COLOURS}
@@ -169,12 +174,13 @@ def test_background_colour_visible():
             assert min(swatches, key=lambda c: np.linalg.norm(swatches[c] - median)) == scene["background"]["colour"]
 
 
-def test_patterns_visible():
+@both_sides
+def test_patterns_visible(S):
     """Without objects and in the vivid style: plain is flat, stripes vary only across x, the gradient only along y
     (in small steps), checker and dots along both (checker half second tone, dots a minority)."""
     for colour in COLOURS:
         for pattern in PATTERNS:
-            scene = {"image_size": 64, "background": {"colour": colour, "pattern": pattern}, "style": "vivid",
+            scene = {"image_size": S, "background": {"colour": colour, "pattern": pattern}, "style": "vivid",
                      "seed": 0, "objects": []}
             x = pixels(scene)
             flat_x, flat_y = np.all(x == x[:, :1]), np.all(x == x[:1])  # constant along x / along y
@@ -194,32 +200,35 @@ def high_freq(x):
     return np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()
 
 
-def test_styles_visible():
-    for scene in random_scenes(30):
+@both_sides
+def test_styles_visible(S):
+    for scene in random_scenes(30, S=S):
         x = {s: pixels({**scene, "style": s}) for s in STYLES}
         assert x["dark"].mean() < x["vivid"].mean() < x["pastel"].mean()
         assert high_freq(x["blurred"]) < high_freq(x["vivid"]) < high_freq(x["noisy"])
 
 
-def test_masks_are_the_painted_pixels():
-    for scene in random_scenes(100):
+@both_sides
+def test_masks_are_the_painted_pixels(S):
+    for scene in random_scenes(100, S=S):
         scene = {**scene, "style": "vivid"}  # no style: the painted colours are exact
         x, masks = pixels(scene), scene_masks(scene)
         assert np.array_equal(x[masks == 0], np.rint(prepare.world.background(scene))[masks == 0])
         for i, obj in enumerate(scene["objects"]):
-            assert (masks == i + 1).sum() > 20  # drawn and never hidden by the objects above it
+            assert (masks == i + 1).sum() > 20 * (S / 64) ** 2  # drawn, never hidden by the objects above it
             assert np.all(x[masks == i + 1] == COLOURS[obj["colour"]])
 
 
-def test_main_object_position_and_size_visible():
+@both_sides
+def test_main_object_position_and_size_visible(S):
     sides = {"small": [], "large": []}
-    for scene in random_scenes(300):
+    for scene in random_scenes(300, S=S):
         main = prepare.world.main_object(scene)
         ys, xs = np.nonzero(scene_masks(scene) == scene["objects"].index(main) + 1)
-        cell = int(ys.mean() // (64 / 3)) * 3 + int(xs.mean() // (64 / 3))  # 3 x 3 grid cell of the centroid
+        cell = int(ys.mean() // (S / 3)) * 3 + int(xs.mean() // (S / 3))  # 3 x 3 grid cell of the centroid
         assert POSITIONS[cell] == main["position"]
         sides[main["size"]].append(max(np.ptp(ys), np.ptp(xs)) + 1)
-    assert max(sides["small"]) + 5 < min(sides["large"]), sides  # a visible gap between the two sizes
+    assert max(sides["small"]) + 5 * S / 64 < min(sides["large"]), sides  # a visible gap between the sizes
 
 
 def test_main_object_tie_rule():
