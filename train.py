@@ -3,7 +3,7 @@
 One file, read top to bottom: config, distributed/device, data, model, optimizer, resume, compile/DDP,
 schedule, the loop's helpers, loop, final evaluation. The same script runs as one plain process or under torchrun:
 
-    python train.py                                   # built-in synthetic world, tiny-conv preset, CPU, 9 min
+    python train.py                                   # built-in synthetic world, tiny-conv preset, CPU, 10 min
     python train.py --train-data d/train.jsonl --val-data d/val.jsonl --model small --branches 6
     torchrun --nproc_per_node=8 train.py --model base --train-data cc3m/train.jsonl --batch-size 256 \
         --epochs 100 --lr 5e-4 --warmup 2000 --wd 0.2 --precision bf16 --compile
