@@ -73,7 +73,7 @@ def table(rows, file=None):
 # The claims (paper.md section 6), claim 2 on the scene-type world, claims 1 and 2 on the two real datasets
 # (retrieval of their val images' own texts: they have no held-out captions), and the two ideas beyond the paper,
 # as comparisons between rows, fixed before the runs. World rows run on the 32-px world for 2,500 steps; rows named
-# w64-... on the 64-px world for 1,000 (results/ablation.md's earlier protocol), until they are run again. "above":
+# w64-... on the 64-px world for 1,000 (results/ablation64.md, the earlier protocol), until they are run again. "above":
 # row A's mean exceeds row B's by more than twice the spread of one run's difference, sqrt(sd_A^2 + sd_B^2) over the
 # seeds (a reversed gap as large: "does not hold"; smaller: "inside the spread"); "level": the gap is inside twice
 # that spread. Retrieval is held-out image->text R@1; zero-shot the mean top-1 over the label kinds.
