@@ -148,3 +148,49 @@ def test_a_missing_input_stops_both_scripts(tmp_path):
         p = subprocess.run([sys.executable, f"results/{script}", str(tmp_path / "typo-s0")], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 1 and p.stderr.startswith(f"error: {tmp_path / 'typo-s0'}: {message}"), p.stderr
+
+
+def test_branches_against_evaluate_and_a_loop(tmp_path):
+    """results/branches.py: its mean column is evaluate()'s held-out image->text R@1 (the number train.py prints),
+    and branch k's is a plain loop: the image's best text under <v_k, t> is a hit when it is (a copy of) one of
+    the image's own held-out captions. Branch k's embedding is made from the image's first held-out caption plus
+    noise growing with k, so the recalls differ. The command line prints its numbers, the slots' names above."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import torch.nn.functional as F
+    import data
+    import eval as ev
+    from model import PRESETS, HolisticCLIP, ModelConfig
+    from prepare import world
+    spec = importlib.util.spec_from_file_location("branches", ROOT / "results" / "branches.py")
+    branches = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(branches)
+    world.make_world(str(tmp_path / "w"), train_size=32, val_size=24)
+    val, tok = str(tmp_path / "w" / "val.jsonl"), data.Tokenizer.load(str(tmp_path / "w" / "tokenizer.json"))
+    torch.manual_seed(0)
+    K = len(world.SLOTS)
+    config = ModelConfig(**{**PRESETS["tiny-conv"], "vision_layers": 1, "mlp_branch_layers": 1, "text_layers": 1,
+                            "branches": K, "vocab_size": tok.vocab_size})
+    model = HolisticCLIP(config).eval()
+    dataset = data.ImageTextDataset(data.read_records(val), tok, 32, context_length=config.context_length)
+    txt, ids = ev.held_out(model, dataset, tok)  # (n, H, E), (n, H)
+    noise = torch.linspace(0, 0.6, K)[None, :, None] * torch.randn(len(txt), K, txt.shape[-1])
+    img = F.normalize(txt[:, :1] + noise, dim=-1)  # (n, K, E); embed_split reads the 24 images in one batch
+    model.encode_image = lambda images: img
+    got = branches.branch_recalls(model, tok, val)
+    assert got[0] == ev.evaluate(model, dataset, tokenizer=tok, views=False)["i2t_R@1"]
+    for k in range(K):
+        best = ids.flatten()[(img[:, k] @ txt.flatten(0, 1).T).argmax(1)]  # (n,) the text id of each best text
+        assert got[1 + k] == 100 * sum(best[i] in ids[i] for i in range(len(img))) / len(img), k
+    assert got[1] == 100 and len(set(got)) > 2, got  # branch 0 is noiseless; the others differ
+
+    (tmp_path / "run").mkdir()
+    torch.save({"model": HolisticCLIP(config).state_dict(), "config": config.__dict__, "tokenizer": tok.to_dict()},
+               tmp_path / "run" / "ckpt.pt")
+    p = subprocess.run([sys.executable, "results/branches.py", str(tmp_path / "run"), "--data", val],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    header, _, row = p.stdout.splitlines()
+    assert header.split(" | ")[2:4] == ["branch 0 alt", "branch 1 detail"]
+    want = branches.branch_recalls(*ev.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "cpu")[1:], val)
+    assert row == "| run | " + " | ".join(f"{x:.1f}" for x in want) + " |"
