@@ -89,7 +89,7 @@ def test_claim_verdicts_follow_the_rule(o2m, o2o, verdict):
     compare.claims(claim_rows(o2m, o2o), file=out)
     cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.getvalue().splitlines()[2:]}
     assert cells["1. several texts beat one (O2M > O2O)"][1] == verdict
-    assert cells["2. the same, MLP design (64-px world)"][1] == "not run yet"   # no w64-m2m-mlp rows
+    assert cells["2. the same, MLP design"][1] == "not run yet"   # no m2m-mlp rows
     assert cells["6. the branches do not collapse"][1] == "does not hold"    # seed 1: a branch that wins nothing
     out = StringIO()
     compare.claims(claim_rows(o2m, o2o, wins=(5, 1)), file=out)
