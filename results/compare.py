@@ -75,7 +75,8 @@ def table(rows, file=None):
 # as comparisons between rows, fixed before the runs. World rows run on the 32-px world for 2,500 steps (rows named
 # w64-...: the 64-px world for 1,000, results/ablation64.md, the earlier protocol). "above": row A's mean exceeds
 # row B's by more than twice the spread of one run's difference, sqrt(sd_A^2 + sd_B^2) over the seeds (a reversed
-# gap as large: "does not hold"; smaller: "inside the spread"); "level": the gap is inside twice that spread. Retrieval is held-out image->text R@1; zero-shot the mean top-1 over the label kinds.
+# gap as large: "does not hold"; smaller: "inside the spread"); "level": the gap is inside twice that spread.
+# Retrieval is held-out image->text R@1; zero-shot the mean top-1 over the label kinds.
 CLAIMS = [  # claim, row A, row B, metric, test, the command that tells A from B
     ("1. several texts beat one (O2M > O2O)", "o2m", "o2o", "i2t_R@1", "above", "`--loss o2m` vs `--loss o2o`"),
     ("2. part-to-part beats one-to-many (M2M > O2M), CLS design", "m2m-cls", "o2m", "i2t_R@1", "above",
