@@ -1,7 +1,8 @@
 """Each image branch alone on the held-out captions. The official score averages the K branch cosines; here each
 branch k also scores alone (eval.py's score with an int), so a table shows whether one branch knows what a caption
 written apart from the training texts says, and how much the mean over K loses against it. One row per run:
-held-out image->text R@1 (%) with the mean, then with each branch, named by the world's slots when K = 6.
+held-out image->text R@1 (%) with the mean, then with each branch, named by the world's slots when every run has
+K = 6, numbered otherwise.
 
     python results/branches.py runs/ablation32/m2m-cls-s* runs/ablation32/o2m-s0
     python results/branches.py runs/ablation32/m2m-cls-scenes-s* --data data/scenes/val.jsonl
@@ -42,7 +43,8 @@ if __name__ == "__main__":
     except data.DataError as e:
         sys.exit(f"error: {e}")
     K = max(len(r) for r in rows.values()) - 1
-    names = [f"{k} {SLOTS[k]}" if K == len(SLOTS) else str(k) for k in range(K)]
+    named = all(len(r) == len(SLOTS) + 1 for r in rows.values())  # with a K = 4 run beside, slot 2 is not "nouns"
+    names = [f"{k} {SLOTS[k]}" if named else str(k) for k in range(K)]
     print("| run | mean | " + " | ".join(f"branch {n}" for n in names) + " |")
     print("|---" * (K + 2) + "|")
     for run, r in rows.items():

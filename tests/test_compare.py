@@ -154,7 +154,8 @@ def test_branches_against_evaluate_and_a_loop(tmp_path):
     """results/branches.py: its mean column is evaluate()'s held-out image->text R@1 (the number train.py prints),
     and branch k's is a plain loop: the image's best text under <v_k, t> is a hit when it is (a copy of) one of
     the image's own held-out captions. Branch k's embedding is made from the image's first held-out caption plus
-    noise growing with k, so the recalls differ. The command line prints its numbers, the slots' names above."""
+    noise growing with k, so the recalls differ. The command line prints its numbers, the slots' names above (the
+    branches' numbers beside a K = 4 run)."""
     sys.path.insert(0, str(ROOT))
     import torch
     import torch.nn.functional as F
@@ -194,3 +195,13 @@ def test_branches_against_evaluate_and_a_loop(tmp_path):
     assert header.split(" | ")[2:4] == ["branch 0 alt", "branch 1 detail"]
     want = branches.branch_recalls(*ev.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "cpu")[1:], val)
     assert row == "| run | " + " | ".join(f"{x:.1f}" for x in want) + " |"
+    (tmp_path / "k4").mkdir()  # a K = 4 run beside it: the columns are numbered, its last two cells empty
+    config4 = ModelConfig(**{**config.__dict__, "branches": 4})
+    torch.save({"model": HolisticCLIP(config4).state_dict(), "config": config4.__dict__, "tokenizer": tok.to_dict()},
+               tmp_path / "k4" / "ckpt.pt")
+    p = subprocess.run([sys.executable, "results/branches.py", str(tmp_path / "run"), str(tmp_path / "k4"), "--data",
+                        val], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    header, _, _, row4 = p.stdout.splitlines()
+    assert header.split(" | ")[2:] == [f"branch {k}" for k in range(K - 1)] + [f"branch {K - 1} |"], header
+    assert row4.startswith("| k4 | ") and row4.endswith(" | - | - |"), row4
